@@ -1,0 +1,109 @@
+"""The ``ray-ssl`` command: shards | train | eval | rasa | curate | tune.
+
+Each subcommand parses its own arguments and hands a resolved :class:`~ray_ssl.config.Config`
+to the module that does the work; errors in input become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ray_ssl.config import load_config
+
+log = logging.getLogger("ray_ssl")
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "local") -> None:
+    parser.add_argument("--preset", default=default_preset, help="preset name or YAML path")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=2"
+    )
+
+
+def _cmd_shards_write(args: argparse.Namespace) -> None:
+    from ray_ssl.data.shards import write_shard_set
+
+    overrides = [*args.overrides, f"shards.source={args.source}", f"shards.split={args.split}"]
+    if args.samples_per_shard is not None:
+        overrides.append(f"shards.samples_per_shard={args.samples_per_shard}")
+    config = load_config(args.preset, overrides)
+    manifest = write_shard_set(config.shards, args.out, config.storage)
+    print(f"wrote {manifest.count} samples in {len(manifest.shards)} shards to {args.out}")
+
+
+def _cmd_shards_inspect(args: argparse.Namespace) -> None:
+    from ray_ssl.data.shards import inspect_shard_set
+
+    config = load_config(args.preset, args.overrides)
+    report = inspect_shard_set(args.uri, config.storage)
+    print(report.summary())
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from ray_ssl.train.trainer import run_training
+
+    run_training(load_config(args.preset, args.overrides))
+
+
+def _cmd_curate(args: argparse.Namespace) -> None:
+    from ray_ssl.curation.pipeline import run_curation
+
+    run_curation(load_config(args.preset, args.overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-ssl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="write or inspect WebDataset shard sets")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    write = shards_sub.add_parser("write", help="write a shard set and its manifest")
+    write.add_argument("--source", required=True, help="fashion-mnist | digits | folder:PATH | synthetic")
+    write.add_argument("--split", default="train", help="train | test")
+    write.add_argument("--out", required=True, help="output URI: path, file:// or s3://bucket/prefix")
+    write.add_argument("--samples-per-shard", type=int, default=None)
+    _add_config_args(write)
+    write.set_defaults(func=_cmd_shards_write)
+    inspect = shards_sub.add_parser("inspect", help="print counts and verify every shard")
+    inspect.add_argument("uri")
+    _add_config_args(inspect)
+    inspect.set_defaults(func=_cmd_shards_inspect)
+
+    train = sub.add_parser("train", help="pretrain with Ray Train + DeepSpeed")
+    _add_config_args(train)
+    train.set_defaults(func=_cmd_train)
+
+    curate = sub.add_parser("curate", help="hierarchical k-means curation of a shard set")
+    _add_config_args(curate, default_preset="curate_local")
+    curate.set_defaults(func=_cmd_curate)
+    return parser
+
+
+def run_with_errors(func: Callable[[], None]) -> None:
+    """Run ``func``; a known input error becomes one line on stderr and exit code 2."""
+    from ray_ssl.errors import USER_ERRORS
+
+    try:
+        func()
+    except USER_ERRORS as err:
+        print(f"ray-ssl: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run_with_errors(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

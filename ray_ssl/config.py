@@ -1,0 +1,435 @@
+"""Typed configuration: nested dataclasses, YAML presets, dotted ``a.b=value`` overrides.
+
+Every section is a dataclass with defaults; a preset (``ray_ssl/presets/<name>.yaml`` or a path)
+overrides some fields, and command-line overrides such as ``train.num_workers=2`` override the
+preset. An unknown key or a value of the wrong type raises :class:`ConfigError`, a one-line message
+naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key and what is valid."""
+
+
+@dataclass
+class StorageConfig:
+    """Where object storage lives. Credentials come only from the standard AWS chain."""
+
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, else AWS
+    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
+    connect_retries: int = 3  # bounded retries before an unreachable endpoint is an error
+    connect_timeout_s: float = 5.0
+
+
+@dataclass
+class ShardsConfig:
+    """How `ray-ssl shards write` builds a shard set."""
+
+    source: str = "fashion-mnist"  # fashion-mnist | digits | folder:PATH | synthetic
+    split: Literal["train", "test"] = "train"
+    samples_per_shard: int = 2000
+    image_format: Literal["png", "jpg"] = "png"
+    jpeg_quality: int = 90
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    synthetic_count: int = 1000
+    synthetic_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ViewConfig:
+    """What the data pipeline produces per sample: the method's view spec."""
+
+    kind: Literal["multicrop", "pair", "single"] = "multicrop"
+    global_crops: int = 2
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.32, 1.0)  # Franca / DINOv2 default
+    local_crops: int = 8
+    local_size: int = 98
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)  # first global crop, second global crop (DINO)
+    local_blur_p: float = 0.5
+    solarize_p: float = 0.2  # second global crop only (DINO)
+    mask: Literal["none", "block", "inverse_block", "cyclic"] = "none"
+    mask_ratio: tuple[float, float] = (0.1, 0.65)  # Franca sec. 4: ratios in [0.1, 0.65]
+    mask_sample_p: float = 0.5  # fraction of the batch that is masked
+    patch_size: int = 14
+    channels: int = 3
+
+
+@dataclass
+class DataConfig:
+    """The streaming pipeline from a shard set to the Train workers."""
+
+    uri: str = "data/shards/fashion-mnist/train"
+    eval_uri: str | None = None  # labelled held-out shards for online kNN
+    reader: Literal["blocks", "ray_webdataset"] = "blocks"
+    batch_size: int = 64  # global batch, split evenly over train workers
+    shuffle_seed: int = 0
+    max_corrupt_fraction: float = 0.01  # above this the run stops with an error
+    decode_concurrency: int | None = None  # Ray Data tasks/actors for decode+views; None = auto
+    prefetch_batches: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """The ViT backbone (timm)."""
+
+    arch: Literal["tiny", "small", "base", "large", "giant"] = "tiny"
+    patch_size: int = 14
+    img_size: int = 224
+    in_chans: int = 3
+    num_registers: int = 0
+    drop_path: float = 0.0
+    layerscale: float | None = 1.0e-5
+    act_checkpointing: bool = False
+
+
+@dataclass
+class FrancaConfig:
+    """Franca (arXiv 2507.14137) objective and teacher."""
+
+    prototypes: int = 131072  # prototypes of the largest Matryoshka level (paper: 131072 at ViT-G)
+    nesting_levels: int = 5  # dims D/16, D/8, D/4, D/2, D
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04
+    teacher_temp_warmup_epochs: int = 30
+    sinkhorn_iterations: int = 3
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    momentum_start: float = 0.994
+    momentum_end: float = 1.0
+    freeze_last_layer_epochs: int = 1
+
+
+@dataclass
+class InstDiscConfig:
+    """InstDisc (arXiv 1805.01978) with a sharded memory bank."""
+
+    backbone: str = "vit"  # "vit" (model section) or a timm name such as "resnet50"
+    feature_dim: int = 128
+    negatives: int = 4096
+    temperature: float = 0.07
+    bank_momentum: float = 0.5
+    proximal_weight: float = 30.0  # lambda of the proximal term (paper sec. 3.4)
+    z_momentum: float = 0.99  # running average of the Monte-Carlo Z estimate
+    exact_softmax: bool = False
+    bank_shards: int = 2
+    bank_dtype: Literal["float16", "float32"] = "float32"
+    max_inflight_updates: int = 4
+    knn_k: int = 200
+    knn_sigma: float = 0.07
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DINOv2's schedules."""
+
+    base_lr: float = 4.0e-3  # at batch 1024; lr = base_lr * sqrt(batch / 1024) (DINOv2)
+    lr_reference_batch: int = 1024
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    clip_grad: float = 3.0
+    patch_embed_lr_mult: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_milestones: tuple[int, ...] = ()  # step decay epochs (InstDisc); empty = cosine
+    lr_gamma: float = 0.1
+    momentum_sgd: float = 0.9
+    name: Literal["adamw", "sgd"] = "adamw"
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed: scaling, schedule length, checkpoints, failures."""
+
+    method: Literal["franca", "instdisc"] = "franca"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    epochs: int = 1
+    steps_per_epoch: int | None = None  # None = dataset size // batch size
+    checkpoint_every: int = 50  # steps
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    run_name: str = "ray-ssl"
+    storage_path: str = "ray_results"
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Online and final evaluation."""
+
+    knn_every: int = 100  # steps; 0 disables online kNN
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_max_train: int = 10000  # labelled samples used as the kNN memory
+    knn_max_test: int = 2000
+
+
+@dataclass
+class CurationConfig:
+    """Hierarchical k-means curation (arXiv 2405.15613)."""
+
+    embeddings_uri: str = "data/curation/embeddings"
+    output_uri: str = "data/curation/curated"
+    backbone: str = "pixels"  # "pixels", a timm name, or a path to an exported safetensors file
+    n_clusters: tuple[int, ...] = (100, 20)
+    n_resampling_steps: tuple[int, ...] = (2, 2)
+    sample_size: tuple[int, ...] = (10, 5)
+    resample_strategy: Literal["closest", "random"] = "closest"
+    lloyd_iterations: int = 20
+    target_size: int = 10000
+    leaf_selection: Literal["random", "closest"] = "random"
+    write_shards: bool = False
+    num_partitions: int = 4
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run; saved with every run and checkpoint."""
+
+    preset: str = "local"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    franca: FrancaConfig = field(default_factory=FrancaConfig)
+    instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
+
+
+def _choices(tp: Any) -> str:
+    """A short human description of what a field accepts."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_choices(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list " + str([_choices(a) for a in typing.get_args(tp) if a is not Ellipsis])
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise a one-line ConfigError."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': {value!r} is not valid; expected {_choices(tp)}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, args[0], v) for v in value)
+        if len(args) != len(value):
+            raise bad
+        return tuple(_coerce(key, a, v) for a, v in zip(args, value, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, prefix=key + ".")
+    raise bad
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a (possibly partial) nested dict, strictly."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(prefix + key, hints[key], value)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) and f.name not in kwargs:
+            setattr(obj, f.name, hints[f.name]())
+    return obj
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.num_workers=2"`` -> ``{"train": {"num_workers": 2}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override '{text}' has no key before '='")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset by name (from ``ray_ssl/presets``) or by path to a YAML file."""
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown preset '{name}'; choose one of {', '.join(available_presets())} "
+            "or pass a path to a YAML file"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{name}' must be a YAML mapping of sections")
+    return data
+
+
+def load_config(preset: str = "local", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset plus dotted overrides into a validated :class:`Config`."""
+    values: dict[str, Any] = {"preset": preset}
+    values = _merge(values, load_preset(preset))
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a saved config (``to_dict`` output), validating it again."""
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    v, t, d, m = config.views, config.train, config.data, config.model
+    _require(t.num_workers >= 1, "train.num_workers must be >= 1")
+    _require(
+        d.batch_size % t.num_workers == 0,
+        f"data.batch_size={d.batch_size} is not divisible by train.num_workers={t.num_workers}; "
+        "pick a batch size that is a multiple of the worker count",
+    )
+    _require(
+        t.zero_stage in (0, 1, 2, 3),
+        f"train.zero_stage={t.zero_stage} is not a DeepSpeed ZeRO stage; choose 0, 1, 2 or 3",
+    )
+    for name, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
+        _require(
+            size % v.patch_size == 0,
+            f"{name}={size} is not divisible by views.patch_size={v.patch_size}; "
+            "choose a crop size that is a multiple of the patch size",
+        )
+    _require(
+        m.patch_size == v.patch_size,
+        f"model.patch_size={m.patch_size} differs from views.patch_size={v.patch_size}; "
+        "set both to the same value",
+    )
+    lo, hi = v.mask_ratio
+    _require(0.0 <= lo <= hi < 1.0, f"views.mask_ratio={list(v.mask_ratio)} must be 0<=lo<=hi<1")
+    for name, (a, b) in (("views.global_scale", v.global_scale), ("views.local_scale", v.local_scale)):
+        _require(0.0 < a <= b <= 1.0, f"{name}=[{a}, {b}] must satisfy 0 < lo <= hi <= 1")
+    _require(
+        0.0 <= d.max_corrupt_fraction <= 1.0,
+        f"data.max_corrupt_fraction={d.max_corrupt_fraction} must be within [0, 1]",
+    )
+    c = config.curation
+    _require(
+        len(c.n_clusters) == len(c.n_resampling_steps) == len(c.sample_size),
+        "curation.n_clusters, curation.n_resampling_steps and curation.sample_size must have "
+        "one entry per level",
+    )
