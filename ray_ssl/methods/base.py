@@ -30,9 +30,18 @@ class Method(nn.Module, ABC):
     def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar tensor, **scalar metrics}`` for one batch."""
 
-    def after_step(self, step: int) -> None:  # noqa: B027 - optional hook, default no-op
+    def after_step(self, step: int) -> None:  # noqa: B027
         """Updates that follow the optimizer step (EMA teacher, memory bank)."""
 
     @abstractmethod
     def backbone(self) -> nn.Module:
         """The network that evaluation and export use."""
+
+    def save_extra_state(self, directory: str, step: int) -> None:  # noqa: B027
+        """Write state that lives outside the module (e.g. a memory bank) beside a checkpoint.
+
+        Called on rank 0 only, with the local directory that becomes the checkpoint.
+        """
+
+    def load_extra_state(self, directory: str) -> None:  # noqa: B027
+        """Restore what :meth:`save_extra_state` wrote; called on every rank at resume."""
