@@ -7,6 +7,12 @@ what is wrong and how to fix it; this tuple is the list of them.
 from __future__ import annotations
 
 from ray_ssl.config import ConfigError
+from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.storage import StorageError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    StorageError,
+    ShardError,
+    CorruptDataError,
+)

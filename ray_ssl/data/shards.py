@@ -1,0 +1,319 @@
+"""Write, read and verify WebDataset shard sets.
+
+A shard set is a directory (local or ``s3://``) of ``shard-NNNNNN.tar`` files plus
+``manifest.json``. Every shard and the manifest are written atomically (temporary name, then
+rename; on S3 an upload is visible only once complete), and the manifest is written last, so a
+reader that trusts the manifest never sees a half-written set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from ray_ssl.config import ShardsConfig, StorageConfig
+from ray_ssl.data.errors import ShardError
+from ray_ssl.data.sources import open_source
+from ray_ssl.data.storage import (
+    Location,
+    StorageError,
+    atomic_write,
+    check_reachable,
+    read_bytes,
+    resolve,
+    write_bytes_atomic,
+)
+from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+SET_FORMAT = "webdataset"
+READ_BLOCK_BYTES = 8 << 20  # buffered reads of shards (S3 range requests of this size)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+    first_idx: int  # idx of the shard's first sample; samples are dense and in order
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a shard set holds; written beside the shards as ``manifest.json``."""
+
+    count: int
+    classes: list[str]
+    shards: list[ShardInfo]
+    source: str  # what was read, e.g. "fashion-mnist" or "digits (fallback: ...)"
+    requested_source: str  # shards.source as configured
+    split: str
+    image_format: str
+    channels: int
+    format: str = SET_FORMAT
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        try:
+            data = json.loads(raw)
+            shards = [ShardInfo(**s) for s in data.pop("shards")]
+            manifest = cls(shards=shards, **data)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ShardError(
+                f"manifest {where} is not a valid ray-ssl manifest ({err}); rewrite the set with "
+                "`ray-ssl shards write`"
+            ) from err
+        if manifest.count != sum(s.count for s in manifest.shards):
+            raise ShardError(
+                f"manifest {where} says {manifest.count} samples but its shards sum to "
+                f"{sum(s.count for s in manifest.shards)}; rewrite the set"
+            )
+        return manifest
+
+    def shard_uris(self, uri: str) -> list[str]:
+        return [f"{uri.rstrip('/')}/{s.name}" for s in self.shards]
+
+
+def _chunks(samples: Iterator[tuple[bytes, int]], size: int) -> Iterator[list[tuple[bytes, int]]]:
+    while chunk := list(itertools.islice(samples, size)):
+        yield chunk
+
+
+def _tar_samples(chunk: list[tuple[bytes, int]], first_idx: int, split: str, ext: str):
+    for offset, (image, label) in enumerate(chunk):
+        idx = first_idx + offset
+        yield TarSample(
+            f"{split}-{idx:08d}",
+            {ext: image, "cls": str(label).encode(), "idx": str(idx).encode()},
+        )
+
+
+def _remove(loc: Location, names: list[str]) -> None:
+    for name in names:
+        target = loc.join(name)
+        try:
+            if target.exists():
+                target.fs.rm(target.path)
+        except OSError as err:  # best effort: a leftover complete shard is harmless
+            log.warning("could not remove %s: %s", target.uri, err)
+
+
+def _existing_manifest(loc: Location) -> Manifest | None:
+    try:
+        return Manifest.from_json(read_bytes(loc.join(MANIFEST_NAME)), loc.uri)
+    except (FileNotFoundError, ShardError):
+        return None
+
+
+def write_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) -> Manifest:
+    """Write the source named by ``cfg`` as shards plus a manifest under ``out_uri``."""
+    if cfg.samples_per_shard < 1:
+        raise ShardError(f"shards.samples_per_shard={cfg.samples_per_shard} must be >= 1")
+    loc = resolve(out_uri, storage)
+    check_reachable(loc, storage)
+    source = open_source(cfg)  # validates the source before anything is written
+    previous = _existing_manifest(loc)
+    _remove(loc, [MANIFEST_NAME])  # nobody may trust the old manifest while shards change
+    written: list[ShardInfo] = []
+    try:
+        progress = tqdm(total=source.count, desc=f"shards {out_uri}", unit="img", disable=None)
+        for number, chunk in enumerate(_chunks(source.samples, cfg.samples_per_shard)):
+            name = SHARD_PATTERN.format(number)
+            first_idx = sum(s.count for s in written)
+            with atomic_write(loc.join(name)) as fh:
+                write_tar(fh, _tar_samples(chunk, first_idx, cfg.split, cfg.image_format))
+            size = int(loc.fs.size(loc.join(name).path))
+            written.append(ShardInfo(name, len(chunk), size, first_idx))
+            progress.update(len(chunk))
+        progress.close()
+        if not written:
+            raise ShardError(f"source '{cfg.source}' ({cfg.split}) yielded no images")
+        manifest = Manifest(
+            count=sum(s.count for s in written),
+            classes=source.classes,
+            shards=written,
+            source=source.name,
+            requested_source=cfg.source,
+            split=cfg.split,
+            image_format=cfg.image_format,
+            channels=source.channels,
+        )
+        write_bytes_atomic(loc.join(MANIFEST_NAME), manifest.to_json())
+    except BaseException:
+        _remove(loc, [s.name for s in written])
+        raise
+    if previous is not None:
+        _remove(loc, sorted({s.name for s in previous.shards} - {s.name for s in written}))
+    if manifest.source != cfg.source:
+        log.warning("shard set %s holds '%s', not '%s'", out_uri, manifest.source, cfg.source)
+    log.info("wrote %d samples in %d shards to %s", manifest.count, len(written), out_uri)
+    return manifest
+
+
+def read_manifest(uri: str, storage: StorageConfig) -> Manifest:
+    """The manifest of the shard set at ``uri``; ShardError when there is none or it is bad."""
+    loc = resolve(uri, storage)
+    check_reachable(loc, storage)
+    try:
+        raw = read_bytes(loc.join(MANIFEST_NAME))
+    except FileNotFoundError:
+        tars = _list_tars(loc)
+        hint = f" ({len(tars)} .tar files but no manifest)" if tars else ""
+        raise ShardError(
+            f"no shard set at {uri}{hint}; write one with `ray-ssl shards write --source ... "
+            f"--out {uri}`"
+        ) from None
+    return Manifest.from_json(raw, f"{uri}/{MANIFEST_NAME}")
+
+
+def _list_tars(loc: Location) -> list[str]:
+    try:
+        entries = loc.fs.ls(loc.path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.rsplit("/", 1)[-1] for e in entries if str(e).endswith(".tar"))
+
+
+def iter_shard(loc: Location) -> Iterator[TarSample]:
+    """Samples of one shard file; raises TruncatedShardError where the tar breaks."""
+    with loc.fs.open(loc.path, "rb", block_size=READ_BLOCK_BYTES) as fh:
+        yield from iter_tar(fh)
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    expected: int
+    found: int = 0
+    error: str | None = None
+
+
+@dataclass
+class InspectReport:
+    """Result of :func:`inspect_shard_set`: per-shard counts and every disagreement found."""
+
+    uri: str
+    manifest: Manifest
+    checks: list[ShardCheck]
+    unlisted: list[str] = field(default_factory=list)  # .tar files the manifest does not name
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [
+            f"shard set {self.uri}: {m.count} samples in {len(m.shards)} shards, "
+            f"source {m.source}, split {m.split}, {m.image_format}, {m.channels} channel(s)",
+            f"classes ({len(m.classes)}): {', '.join(m.classes)}",
+        ]
+        for check in self.checks:
+            status = "ok" if check.error is None and check.found == check.expected else "BAD"
+            detail = f" ({check.error})" if check.error else ""
+            lines.append(f"  {check.name}: {check.found}/{check.expected} {status}{detail}")
+        lines += [f"  unlisted file (ignored): {name}" for name in self.unlisted]
+        lines.append("verified: all shards readable, counts agree" if self.ok else
+                     f"PROBLEMS ({len(self.problems)}): " + "; ".join(self.problems))  # fmt: skip
+        return "\n".join(lines)
+
+
+def _check_shard(loc: Location, info: ShardInfo) -> tuple[ShardCheck, list[str]]:
+    """Count one shard's samples; at most one problem per shard keeps the report short."""
+    check = ShardCheck(info.name, info.count)
+    problem: str | None = None
+    try:
+        for offset, sample in enumerate(iter_shard(loc.join(info.name))):
+            check.found += 1
+            idx = sample.int_field("idx")
+            if problem is None and (sample.image is None or idx is None):
+                problem = f"{info.name}: sample {sample.key} lacks an image or idx"
+            elif problem is None and idx != info.first_idx + offset:
+                expected = info.first_idx + offset
+                problem = f"{info.name}: sample {sample.key} has idx {idx}, not {expected}"
+    except FileNotFoundError:
+        check.error = "missing"
+    except TruncatedShardError as err:
+        check.error = f"truncated: {err}"
+    if check.error:
+        problem = f"{info.name} is {check.error}"
+    elif check.found != check.expected:
+        problem = f"{info.name} has {check.found} samples, manifest says {check.expected}"
+    return check, [problem] if problem else []
+
+
+def inspect_shard_set(uri: str, storage: StorageConfig, strict: bool = True) -> InspectReport:
+    """Read every shard, count its samples and compare with the manifest.
+
+    With ``strict`` a disagreement raises a one-line ShardError; otherwise it is in the report.
+    """
+    manifest = read_manifest(uri, storage)
+    loc = resolve(uri, storage)
+    report = InspectReport(uri, manifest, [])
+    for info in tqdm(manifest.shards, desc=f"inspect {uri}", unit="shard", disable=None):
+        check, problems = _check_shard(loc, info)
+        report.checks.append(check)
+        report.problems += problems
+    listed = {s.name for s in manifest.shards}
+    report.unlisted = [name for name in _list_tars(loc) if name not in listed]
+    if strict and not report.ok:
+        extra = len(report.problems) - 1
+        more = f" (and {extra} more problems)" if extra else ""
+        raise ShardError(
+            f"shard set {uri} disagrees with its manifest: {report.problems[0]}{more}; rewrite "
+            "it with `ray-ssl shards write`"
+        )
+    return report
+
+
+def _shards_present(loc: Location, manifest: Manifest) -> list[str]:
+    """Names of listed shards that are missing or have another size than the manifest says."""
+    bad = []
+    for info in manifest.shards:
+        try:
+            if int(loc.fs.size(loc.join(info.name).path)) != info.bytes:
+                bad.append(info.name)
+        except FileNotFoundError:
+            bad.append(info.name)
+    return bad
+
+
+def ensure_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) -> Manifest:
+    """Reuse a valid shard set at ``out_uri`` written from the same source and split; else write.
+
+    A set written from another source or split is never overwritten (ShardError instead).
+    """
+    loc = resolve(out_uri, storage)
+    try:
+        manifest = read_manifest(out_uri, storage)
+    except (ShardError, StorageError) as err:
+        if isinstance(err, StorageError):
+            raise
+        log.info("no valid shard set at %s (%s); writing it", out_uri, err)
+        return write_shard_set(cfg, out_uri, storage)
+    if (manifest.requested_source, manifest.split) != (cfg.source, cfg.split):
+        raise ShardError(
+            f"{out_uri} holds shards of '{manifest.requested_source}' ({manifest.split}), not "
+            f"'{cfg.source}' ({cfg.split}); choose another output URI or delete that one"
+        )
+    bad = _shards_present(loc, manifest)
+    if bad:
+        log.warning("shard set %s is incomplete (%s); rewriting it", out_uri, ", ".join(bad[:3]))
+        return write_shard_set(cfg, out_uri, storage)
+    if manifest.source != cfg.source:
+        log.warning("using shard set %s, which holds '%s'", out_uri, manifest.source)
+    return manifest
