@@ -1,0 +1,171 @@
+"""Storage URIs -> (pyarrow/fsspec filesystem, path).
+
+Local paths, ``file://`` and ``s3://bucket/prefix``. For S3 the endpoint and region come from
+the config, else from the standard AWS environment variables; credentials come only from the
+standard AWS chain (environment, shared files, instance role) and are never logged or saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import fsspec
+
+from ray_ssl.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """A storage location that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: a filesystem plus the path inside it."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str  # no scheme; for S3 "bucket/prefix"
+    scheme: str  # "file" or "s3"
+
+    def join(self, *parts: str) -> Location:
+        path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
+        return Location(self.fs, path, self.scheme)
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.path}" if self.scheme == "s3" else self.path
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+
+def _endpoint(storage: StorageConfig) -> str | None:
+    return (
+        storage.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+def _region(storage: StorageConfig) -> str | None:
+    return storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def s3_options(storage: StorageConfig) -> dict:
+    """Keyword arguments for ``s3fs.S3FileSystem``; holds no credentials."""
+    client_kwargs: dict[str, str] = {}
+    endpoint, region = _endpoint(storage), _region(storage)
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if region:
+        client_kwargs["region_name"] = region
+    return {
+        "client_kwargs": client_kwargs,
+        "config_kwargs": {
+            "connect_timeout": storage.connect_timeout_s,
+            "read_timeout": max(60.0, storage.connect_timeout_s),
+            "retries": {"max_attempts": storage.connect_retries, "mode": "standard"},
+        },
+        "skip_instance_cache": True,
+    }
+
+
+def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
+    """Resolve ``uri`` (local path, ``file://`` or ``s3://``) to a :class:`Location`."""
+    storage = storage or StorageConfig()
+    if not uri:
+        raise StorageError("empty storage URI; pass a local path, file:///path or s3://bucket/prefix")
+    if uri.startswith("s3://"):
+        import s3fs
+
+        path = uri[len("s3://") :].rstrip("/")
+        if not path:
+            raise StorageError(f"'{uri}' names no bucket; use s3://bucket/prefix")
+        return Location(s3fs.S3FileSystem(**s3_options(storage)), path, "s3")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(f"unsupported URI scheme '{scheme}://' in '{uri}'; use a path or s3://")
+    return Location(fsspec.filesystem("file"), str(Path(uri).expanduser().absolute()), "file")
+
+
+def check_reachable(loc: Location, storage: StorageConfig | None = None) -> None:
+    """Fail fast, after bounded retries, when an S3 endpoint cannot be reached."""
+    if loc.scheme != "s3":
+        return
+    storage = storage or StorageConfig()
+    bucket = loc.path.split("/", 1)[0]
+    last: Exception | None = None
+    for attempt in range(storage.connect_retries):
+        try:
+            loc.fs.ls(bucket, refresh=True)
+            return
+        except FileNotFoundError as err:
+            raise StorageError(
+                f"S3 bucket '{bucket}' does not exist at {_endpoint(storage) or 'AWS'}; "
+                "create it or fix the URI"
+            ) from err
+        except PermissionError as err:
+            raise StorageError(
+                f"access to S3 bucket '{bucket}' denied; check the AWS credentials in the "
+                "environment or ~/.aws"
+            ) from err
+        except Exception as err:  # network errors come in many botocore types
+            last = err
+            time.sleep(min(2.0**attempt * 0.2, 2.0))
+    raise StorageError(
+        f"S3 endpoint {_endpoint(storage) or 'AWS default'} unreachable after "
+        f"{storage.connect_retries} tries ({type(last).__name__}); check storage.endpoint_url "
+        "or AWS_ENDPOINT_URL and the network"
+    )
+
+
+@contextmanager
+def atomic_write(loc: Location) -> Iterator[IO[bytes]]:
+    """Open ``loc`` for binary writing so that readers see the whole file or nothing.
+
+    Locally the bytes go to a hidden temporary name in the same directory and are renamed into
+    place. On S3 an object becomes visible only when its upload completes, so a failed write
+    leaves nothing; we still abort explicitly on error.
+    """
+    if loc.scheme == "file":
+        parent = os.path.dirname(loc.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, loc.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fh = loc.fs.open(loc.path, "wb")
+    try:
+        yield fh
+    except BaseException:
+        fh.discard()  # drop the pending upload instead of completing it
+        raise
+    fh.close()
+
+
+def write_bytes_atomic(loc: Location, data: bytes) -> None:
+    with atomic_write(loc) as fh:
+        fh.write(data)
+
+
+def read_bytes(loc: Location) -> bytes:
+    with loc.fs.open(loc.path, "rb") as fh:
+        return fh.read()
