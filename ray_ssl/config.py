@@ -97,8 +97,9 @@ class ModelConfig:
     img_size: int = 224
     in_chans: int = 3
     num_registers: int = 0
-    drop_path: float = 0.0
-    layerscale: float | None = 1.0e-5
+    drop_path: float = 0.0  # stochastic depth of the student (the teacher has none, as DINOv2)
+    drop_path_uniform: bool = True  # same rate in every block (DINOv2); else linear 0 -> drop_path
+    layerscale: float | None = 1.0e-5  # LayerScale init; None disables it
     act_checkpointing: bool = False
 
 
