@@ -9,10 +9,12 @@ from __future__ import annotations
 from ray_ssl.config import ConfigError
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.storage import StorageError
+from ray_ssl.memory_bank.shard import MemoryBankError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     StorageError,
     ShardError,
     CorruptDataError,
+    MemoryBankError,
 )

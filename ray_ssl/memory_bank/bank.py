@@ -1,0 +1,393 @@
+"""ShardedMemoryBank: the InstDisc memory bank held by a pool of Ray actors, sharded by row range.
+
+Published InstDisc code keeps the whole N x D bank on every GPU, so one device caps the dataset.
+Here S :class:`~ray_ssl.memory_bank.shard.BankShard` actors, spread over the cluster by a SPREAD
+placement group, each own rows ``[bounds[s], bounds[s + 1])``. Every operation issues one call
+per shard, concurrently, and assembles the answers. Reads come back from the object store
+zero-copy (read-only numpy views); the client copies once, into the assembled array.
+
+Consistency rests on one Ray guarantee: calls from one caller to one (non-async,
+``max_concurrency=1``) actor execute in submission order. Hence an update enqueued before a
+gather or sample from the same caller is visible to it, and per-row updates apply in order.
+Updates are fire-and-forget up to ``max_inflight_updates`` outstanding; only a full queue blocks.
+
+The shards are named actors (``<name>-shard-<i>-of-<S>`` in ``namespace``), so every Ray Train
+worker attaches to the same pool; creation is idempotent (``get_if_exists``). A shard that dies
+is restarted by Ray (``max_restarts``) and reloads its latest snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.placement_group import get_placement_group, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ray_ssl.config import StorageConfig
+from ray_ssl.data.storage import resolve
+from ray_ssl.memory_bank.shard import DTYPES, BankShard, MemoryBankError, snapshot_name
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120.0  # how long shard resources may take to appear before we give up
+ATTACH_TIMEOUT_S = 120.0  # how long a non-creating worker waits for the creator's shards
+ATTACH_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """What a bank is: its size and layout, where it snapshots, and how it is named."""
+
+    size: int  # N, one row per dataset index
+    dim: int  # D
+    num_shards: int = 2
+    dtype: str = "float32"
+    name: str = "memory-bank"
+    namespace: str = "ray-ssl"
+    snapshot_uri: str | None = None  # run storage prefix for shard snapshots
+    seed: int = 0
+    max_restarts: int = 3
+    max_inflight_updates: int = 4
+    cpus_per_shard: float = 0.5
+    keep_snapshots: int = 3  # per shard; older step snapshots are pruned after each snapshot
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> None:
+        if self.size < 1 or self.dim < 1:
+            raise MemoryBankError(f"bank size N={self.size} and dim D={self.dim} must be >= 1")
+        if not 1 <= self.num_shards <= self.size:
+            raise MemoryBankError(
+                f"bank shards={self.num_shards} must be within [1, N={self.size}]"
+            )
+        if self.dtype not in DTYPES:
+            raise MemoryBankError(f"bank dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        if self.max_inflight_updates < 1:
+            raise MemoryBankError("max_inflight_updates must be >= 1")
+
+
+def shard_bounds(size: int, num_shards: int) -> np.ndarray:
+    """Row boundaries [S + 1] splitting N rows into S near-equal contiguous ranges."""
+    return np.array([s * size // num_shards for s in range(num_shards + 1)], dtype=np.int64)
+
+
+@dataclass
+class Negatives:
+    """Noise samples shared by one training step: global rows [K] and features [K, D]."""
+
+    rows: np.ndarray
+    features: np.ndarray
+
+
+class PendingRead:
+    """Per-shard reads in flight; :meth:`result` waits and assembles them in request order."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, Any]], count: int, dim: int, dtype: Any):
+        self._parts, self._count, self._dim, self._dtype = parts, count, dim, dtype
+
+    def result(self) -> np.ndarray:
+        out = np.empty((self._count, self._dim), dtype=self._dtype)
+        values = ray.get([ref for _, ref in self._parts])
+        for (positions, _), value in zip(self._parts, values, strict=True):
+            out[positions] = value  # the one copy: object-store view -> assembled array
+        return out
+
+
+class PendingNegatives:
+    """A :meth:`ShardedMemoryBank.sample_negatives` call in flight."""
+
+    def __init__(self, refs: list[Any], dim: int, dtype: Any):
+        self._refs, self._dim, self._dtype = refs, dim, dtype
+
+    def result(self) -> Negatives:
+        parts = ray.get(self._refs)
+        if not parts:
+            return Negatives(np.empty(0, np.int64), np.empty((0, self._dim), self._dtype))
+        return Negatives(
+            np.concatenate([rows for rows, _ in parts]),
+            np.concatenate([feats for _, feats in parts]),
+        )
+
+
+class ShardedMemoryBank:
+    """Client of the shard pool: route, gather, sample negatives, update, top-k, snapshot.
+
+    Args:
+        spec: the bank's layout and names.
+        create: create missing shards (idempotently). With ``False`` wait until another
+            process (rank 0, the driver) has created all of them, then attach.
+    """
+
+    def __init__(self, spec: BankSpec, create: bool = True) -> None:
+        spec.validate()
+        self.spec = spec
+        self.size, self.dim, self.num_shards = spec.size, spec.dim, spec.num_shards
+        self.dtype = DTYPES[spec.dtype]
+        self.bounds = shard_bounds(spec.size, spec.num_shards)
+        self.snapshot_uri = (
+            resolve(spec.snapshot_uri, spec.storage).uri.rstrip("/") if spec.snapshot_uri else None
+        )
+        self._inflight: deque[list[Any]] = deque()
+        self._placement_group = None
+        handles = self._existing_handles()
+        if handles is None:
+            handles = self._create_handles() if create else self._wait_for_handles()
+        self.handles: list[Any] = handles
+        self._check_layout()
+
+    # -- pool lifecycle ------------------------------------------------------------------------
+    def shard_name(self, index: int) -> str:
+        return f"{self.spec.name}-shard-{index:03d}-of-{self.num_shards:03d}"
+
+    def shard_prefix(self, index: int) -> str | None:
+        if self.snapshot_uri is None:
+            return None
+        return f"{self.snapshot_uri}/shard-{index:03d}-of-{self.num_shards:03d}"
+
+    def _existing_handles(self) -> list[Any] | None:
+        handles = []
+        for i in range(self.num_shards):
+            try:
+                handles.append(ray.get_actor(self.shard_name(i), namespace=self.spec.namespace))
+            except ValueError:
+                return None
+        return handles
+
+    def _wait_for_handles(self) -> list[Any]:
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            handles = self._existing_handles()
+            if handles is not None:
+                return handles
+            time.sleep(ATTACH_POLL_S)
+        raise MemoryBankError(
+            f"memory bank '{self.spec.name}' (namespace '{self.spec.namespace}') was not created "
+            f"within {ATTACH_TIMEOUT_S:.0f}s; the creating process (rank 0) must start it"
+        )
+
+    def _create_handles(self) -> list[Any]:
+        pg_name = f"{self.spec.name}-placement"
+        try:
+            pg = get_placement_group(pg_name)
+        except ValueError:
+            bundles = [{"CPU": self.spec.cpus_per_shard} for _ in range(self.num_shards)]
+            pg = placement_group(bundles, strategy="SPREAD", name=pg_name)
+        if not pg.wait(PLACEMENT_TIMEOUT_S):
+            raise MemoryBankError(
+                f"memory bank placement group needs {self.num_shards} x "
+                f"{self.spec.cpus_per_shard} CPU and could not be placed in "
+                f"{PLACEMENT_TIMEOUT_S:.0f}s; lower instdisc.bank_shards or add nodes"
+            )
+        self._placement_group = pg
+        actor_cls = ray.remote(BankShard)
+        handles = []
+        for i in range(self.num_shards):
+            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
+            handles.append(
+                actor_cls.options(
+                    name=self.shard_name(i),
+                    namespace=self.spec.namespace,
+                    get_if_exists=True,
+                    max_restarts=self.spec.max_restarts,
+                    max_task_retries=-1,  # calls in flight when a shard dies rerun after restore
+                    max_concurrency=1,  # one call at a time: per-caller order, atomic updates
+                    num_cpus=self.spec.cpus_per_shard,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=i
+                    ),
+                ).remote(
+                    lo,
+                    hi,
+                    self.dim,
+                    self.spec.dtype,
+                    self.spec.seed,
+                    self.shard_prefix(i),
+                    self.spec.storage,
+                )
+            )
+        return handles
+
+    def _check_layout(self) -> None:
+        infos = self.info()
+        for i, info in enumerate(infos):
+            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
+            if (info["lo"], info["hi"], info["dim"]) != (lo, hi, self.dim):
+                raise MemoryBankError(
+                    f"memory bank '{self.spec.name}' already exists with shard {i} covering "
+                    f"[{info['lo']}, {info['hi']}) x D={info['dim']}, but N={self.size}, "
+                    f"D={self.dim}, shards={self.num_shards} asks for [{lo}, {hi}) x D={self.dim}; "
+                    "use another bank name or the original layout"
+                )
+
+    def info(self) -> list[dict]:
+        """Each shard's ``BankShard.info()``."""
+        return ray.get([h.info.remote() for h in self.handles])
+
+    def shutdown(self) -> None:
+        """Wait for pending updates, then end the shard actors and their placement group."""
+        self.flush()
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
+        pg = self._placement_group
+        if pg is None:
+            try:
+                pg = get_placement_group(f"{self.spec.name}-placement")
+            except ValueError:
+                pg = None
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
+
+    # -- validation and routing ------------------------------------------------------------------
+    def _rows(self, rows: Any) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+            raise MemoryBankError(
+                f"bank rows must be a 1-D integer array, got {rows.dtype}{list(rows.shape)}"
+            )
+        rows = rows.astype(np.int64, copy=False)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.size):
+            bad = int(rows[(rows < 0) | (rows >= self.size)][0])
+            raise MemoryBankError(
+                f"bank row {bad} is outside [0, N={self.size}); rows are dense dataset indices "
+                "(the 'idx' field); check instdisc.num_instances against the shard set"
+            )
+        return rows
+
+    def _features(self, feats: Any, count: int) -> np.ndarray:
+        feats = np.asarray(feats, dtype=np.float32)
+        if feats.shape != (count, self.dim):
+            raise MemoryBankError(
+                f"bank features have shape {list(feats.shape)}; expected [{count}, {self.dim}] "
+                f"(one D={self.dim} row per index)"
+            )
+        return feats
+
+    def _route(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions into ``rows``) for every shard that owns some of ``rows``."""
+        shard_of = np.searchsorted(self.bounds, rows, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")  # stable: keeps each shard's rows in order
+        cuts = np.searchsorted(shard_of[order], np.arange(self.num_shards + 1))
+        return [
+            (s, order[cuts[s] : cuts[s + 1]])
+            for s in range(self.num_shards)
+            if cuts[s + 1] > cuts[s]
+        ]
+
+    # -- reads -------------------------------------------------------------------------------------
+    def gather_async(self, rows: Any) -> PendingRead:
+        """Start fetching ``rows``; overlap it with compute, then call ``.result()``."""
+        rows = self._rows(rows)
+        parts = [(pos, self.handles[s].gather.remote(rows[pos])) for s, pos in self._route(rows)]
+        return PendingRead(parts, rows.size, self.dim, self.dtype)
+
+    def gather(self, rows: Any) -> np.ndarray:
+        """Features of ``rows`` (global indices), [len(rows), D] in the bank dtype."""
+        return self.gather_async(rows).result()
+
+    def read_all(self) -> np.ndarray:
+        """The whole bank [N, D] (for the exact softmax on small N, and for tests)."""
+        return self.gather(np.arange(self.size))
+
+    def prefetch_negatives(self, k: int, seed: int) -> PendingNegatives:
+        """Start drawing ``k`` rows uniformly over all N (P_n = 1/N), shared by a whole step.
+
+        Each shard's share is multinomial in its size, so every row is equally likely.
+        """
+        if k < 0:
+            raise MemoryBankError(f"cannot sample {k} negatives; k must be >= 0")
+        sizes = np.diff(self.bounds)
+        counts = np.random.default_rng([seed, self.size]).multinomial(k, sizes / self.size)
+        refs = [self.handles[s].sample.remote(int(c), seed) for s, c in enumerate(counts) if c > 0]
+        return PendingNegatives(refs, self.dim, self.dtype)
+
+    def sample_negatives(self, k: int, seed: int) -> Negatives:
+        """``k`` noise rows and their features [K, D] (not B x K x D: one set per step)."""
+        return self.prefetch_negatives(k, seed).result()
+
+    def topk(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine top-``k`` over the whole bank by map (per shard) and reduce (here).
+
+        Returns (similarities [Q, k], global rows [Q, k]), best first.
+        """
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise MemoryBankError(
+                f"topk queries have shape {list(queries.shape)}; expected [Q, {self.dim}]"
+            )
+        k = min(k, self.size)
+        query_ref = ray.put(queries)  # one copy in the object store, read by every shard
+        parts = ray.get([h.topk.remote(query_ref, k) for h in self.handles])
+        sims = np.concatenate([p[0] for p in parts], axis=1)
+        rows = np.concatenate([p[1] for p in parts], axis=1)
+        best = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, best, 1), np.take_along_axis(rows, best, 1)
+
+    # -- writes ------------------------------------------------------------------------------------
+    def update(self, rows: Any, feats: Any, momentum: float) -> None:
+        """Enqueue v <- normalize(m v + (1 - m) f) for ``rows``; returns without waiting.
+
+        Blocks only while ``max_inflight_updates`` earlier updates are still outstanding.
+        """
+        rows = self._rows(rows)
+        feats = self._features(feats, rows.size)
+        while len(self._inflight) >= self.spec.max_inflight_updates:
+            ray.get(self._inflight.popleft())
+        self._inflight.append(
+            [
+                self.handles[s].update.remote(rows[pos], feats[pos], momentum)
+                for s, pos in self._route(rows)
+            ]
+        )
+
+    def assign(self, rows: Any, feats: Any) -> None:
+        """Overwrite ``rows`` with normalised ``feats`` (bank initialised from a feature pass)."""
+        rows = self._rows(rows)
+        feats = self._features(feats, rows.size)
+        route = self._route(rows)
+        ray.get([self.handles[s].assign.remote(rows[pos], feats[pos]) for s, pos in route])
+
+    def flush(self) -> int:
+        """Wait until every enqueued update has been applied; returns how many were pending."""
+        pending = len(self._inflight)
+        while self._inflight:
+            ray.get(self._inflight.popleft())
+        return pending
+
+    @property
+    def inflight_updates(self) -> int:
+        return len(self._inflight)
+
+    # -- snapshots ---------------------------------------------------------------------------------
+    def snapshot(self, step: int) -> dict:
+        """Flush, then write every shard at ``step`` under the snapshot prefix, concurrently.
+
+        Returns a manifest (layout + one URI per shard) for :meth:`restore`.
+        """
+        if self.snapshot_uri is None:
+            raise MemoryBankError("this bank has no snapshot_uri; set one to snapshot it")
+        self.flush()
+        uris = [f"{self.shard_prefix(i)}/{snapshot_name(step)}" for i in range(self.num_shards)]
+        ray.get([h.snapshot.remote(uri) for h, uri in zip(self.handles, uris, strict=True)])
+        ray.get([h.prune.remote(self.spec.keep_snapshots) for h in self.handles])
+        return {**self.layout(), "step": step, "uris": uris}
+
+    def layout(self) -> dict:
+        return {"size": self.size, "dim": self.dim, "num_shards": self.num_shards}
+
+    def restore(self, manifest: dict) -> None:
+        """Load the snapshot a :meth:`snapshot` manifest names into every shard."""
+        if {k: manifest.get(k) for k in ("size", "dim", "num_shards")} != self.layout():
+            raise MemoryBankError(
+                f"bank snapshot layout N={manifest.get('size')}, D={manifest.get('dim')}, "
+                f"shards={manifest.get('num_shards')} does not match this bank's N={self.size}, "
+                f"D={self.dim}, shards={self.num_shards}"
+            )
+        uris: Sequence[str] = manifest["uris"]
+        self.flush()
+        ray.get([h.restore.remote(uri) for h, uri in zip(self.handles, uris, strict=True)])
