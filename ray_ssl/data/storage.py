@@ -7,6 +7,7 @@ standard AWS chain (environment, shared files, instance role) and are never logg
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -58,6 +59,15 @@ def _endpoint(storage: StorageConfig) -> str | None:
 
 def _region(storage: StorageConfig) -> str | None:
     return storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def pin_endpoint(storage: StorageConfig) -> StorageConfig:
+    """A copy with the endpoint and region taken from the environment now.
+
+    Ray workers inherit the environment of the node they were started on, which may lack the
+    driver's AWS_ENDPOINT_URL; tasks that resolve URIs remotely carry the pinned copy instead.
+    """
+    return dataclasses.replace(storage, endpoint_url=_endpoint(storage), region=_region(storage))
 
 
 def s3_options(storage: StorageConfig) -> dict:

@@ -1,0 +1,361 @@
+"""Ray Data pipelines from a shard set (local path, file:// or s3://) to training batches.
+
+``build_train_dataset`` reads the shards in a per-epoch shuffled order, decodes each image and
+builds the views the method asks for (``ViewConfig``) in Ray Data tasks. On each Train worker,
+``iter_worker_batches`` turns its ``DataIterator`` (``ray.train.get_dataset_shard("train")`` or a
+``streaming_split`` part) into the batch contract: crop-major uint8 crops, masks, idx, labels on
+the training device. Corrupt samples are skipped and counted; past ``max_corrupt_fraction`` the
+iterator raises :class:`CorruptDataError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+
+from ray_ssl.config import DataConfig, StorageConfig, ViewConfig
+from ray_ssl.data.datasource import UNKNOWN_LABEL, ShardSetDatasource, epoch_seed
+from ray_ssl.data.errors import CorruptDataError, ShardError
+from ray_ssl.data.shards import Manifest, iter_shard, read_manifest
+from ray_ssl.data.storage import Location, pin_endpoint, resolve
+from ray_ssl.data.tario import TarSample, TruncatedShardError
+from ray_ssl.data.views import CorruptImageError, ViewBuilder, crop_counts, decode_image
+
+log = logging.getLogger(__name__)
+
+MIN_SAMPLES_FOR_CORRUPT_CHECK = 256  # below this many samples one bad file is not yet a rate
+TARGET_VIEW_BLOCK_BYTES = 32 << 20  # output size of one decode+views batch
+MIN_VIEW_BATCH, MAX_VIEW_BATCH = 8, 1024
+CROP_COLUMNS = ("global_crops", "local_crops", "masks")
+
+
+def _view_batch_rows(views: ViewConfig) -> int:
+    """Rows per decode+views batch so that one output block is about TARGET_VIEW_BLOCK_BYTES."""
+    n_global, n_local = crop_counts(views)
+    per_sample = views.channels * (n_global * views.global_size**2 + n_local * views.local_size**2)
+    return int(
+        np.clip(TARGET_VIEW_BLOCK_BYTES // max(per_sample, 1), MIN_VIEW_BATCH, MAX_VIEW_BATCH)
+    )
+
+
+def _webdataset_to_raw(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of ``ray.data.read_webdataset(decoder=None)`` -> the raw-row columns of our reader."""
+    n = len(batch["__key__"])
+
+    def column(name: str) -> np.ndarray:
+        return batch[name] if name in batch else np.full(n, None, dtype=object)
+
+    images = [p if p is not None else j for p, j in zip(column("png"), column("jpg"), strict=True)]
+    idx, label, corrupt = (
+        np.full(n, -1, np.int64),
+        np.full(n, UNKNOWN_LABEL, np.int64),
+        np.zeros(n, bool),
+    )
+    for i, (raw_idx, raw_cls) in enumerate(zip(column("idx"), column("cls"), strict=True)):
+        try:
+            idx[i] = int(raw_idx)
+        except (TypeError, ValueError):
+            corrupt[i] = True
+        try:
+            label[i] = int(raw_cls)
+        except (TypeError, ValueError):
+            label[i] = UNKNOWN_LABEL
+        corrupt[i] |= images[i] is None
+    return {
+        "key": batch["__key__"],
+        "idx": idx,
+        "label": label,
+        "image": np.array([b if b is not None else b"" for b in images], dtype=object),
+        "corrupt": corrupt,
+        "seed": np.full(n, -1, np.int64),  # no epoch seed: fresh entropy per sample
+    }
+
+
+def build_views_batch(batch: dict[str, np.ndarray], views: ViewConfig) -> dict[str, np.ndarray]:
+    """Raw rows -> decoded, augmented views; rows that fail to decode are flagged ``corrupt``."""
+    if "__key__" in batch:
+        batch = _webdataset_to_raw(batch)
+    builder = ViewBuilder(views)
+    corrupt = np.asarray(batch["corrupt"], dtype=bool).copy()
+    outputs = []
+    for i, (data, idx, seed) in enumerate(
+        zip(batch["image"], batch["idx"], batch["seed"], strict=True)
+    ):
+        if not corrupt[i]:
+            try:
+                image = decode_image(data, views.channels)
+            except CorruptImageError as err:
+                log.warning("skipping sample %s: undecodable image (%s)", batch["key"][i], err)
+                corrupt[i] = True
+        if corrupt[i]:
+            outputs.append(builder.empty())
+            continue
+        rng = np.random.default_rng([int(seed), int(idx)] if seed >= 0 else None)
+        outputs.append(builder(image, rng))
+    result = {name: np.stack([o[name] for o in outputs]) for name in outputs[0]}
+    result.update(
+        idx=np.asarray(batch["idx"], np.int64),
+        label=np.asarray(batch["label"], np.int64),
+        corrupt=corrupt,
+    )
+    return result
+
+
+def _read_raw(
+    uri: str,
+    manifest: Manifest,
+    storage: StorageConfig,
+    reader: str,
+    shuffle_seed: int | None,
+    epoch: int,
+) -> ray.data.Dataset:
+    pinned = pin_endpoint(storage)
+    if reader == "blocks":
+        source = ShardSetDatasource(uri, manifest, pinned, shuffle_seed, epoch)
+        return ray.data.read_datasource(source)
+    if reader != "ray_webdataset":
+        raise ShardError(f"unknown data.reader '{reader}'; choose blocks or ray_webdataset")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.data import FileShuffleConfig
+
+    loc = resolve(uri, pinned)
+    shuffle = None
+    if shuffle_seed is not None:
+        shuffle = FileShuffleConfig(
+            seed=epoch_seed(shuffle_seed, epoch), reseed_after_execution=True
+        )
+    return ray.data.read_webdataset(
+        [f"{loc.path}/{s.name}" for s in manifest.shards],
+        filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
+        decoder=None,
+        shuffle=shuffle,
+    )
+
+
+def build_train_dataset(
+    data: DataConfig, views: ViewConfig, storage: StorageConfig, epoch: int = 0
+) -> ray.data.Dataset:
+    """Shards -> decoded views, shard order shuffled per epoch.
+
+    The dataset can be iterated many times (one Train epoch each); the first iteration reads
+    epoch ``epoch`` (pass the resume epoch here) and each later one the next epoch's order.
+    """
+    manifest = read_manifest(data.uri, storage)
+    raw = _read_raw(data.uri, manifest, storage, data.reader, data.shuffle_seed, epoch)
+    return raw.map_batches(
+        build_views_batch,
+        fn_kwargs={"views": views},
+        batch_size=_view_batch_rows(views),
+        batch_format="numpy",
+        concurrency=data.decode_concurrency,
+    )
+
+
+@dataclass
+class DataStats:
+    """Samples this iterator has seen (corrupt ones included) and corrupt samples skipped."""
+
+    seen: int = 0
+    corrupt: int = 0
+
+    @property
+    def corrupt_fraction(self) -> float:
+        return self.corrupt / self.seen if self.seen else 0.0
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _take(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {name: column[start:stop] for name, column in batch.items()}
+
+
+class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
+    """Batches of exactly ``batch_size`` good samples from one worker's DataIterator."""
+
+    def __init__(
+        self,
+        shard: ray.data.DataIterator,
+        batch_size: int,
+        views: ViewConfig,
+        device: torch.device,
+        max_corrupt_fraction: float,
+        drop_last: bool = True,
+        prefetch_batches: int = 2,
+    ):
+        self.shard, self.batch_size, self.views = shard, batch_size, views
+        self.device = torch.device(device)
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.drop_last, self.prefetch_batches = drop_last, prefetch_batches
+        self.stats = DataStats()
+        self._batches = self._generate()
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self._batches)
+
+    def _check_corrupt_rate(self, final: bool) -> None:
+        s = self.stats
+        if (final or s.seen >= MIN_SAMPLES_FOR_CORRUPT_CHECK) and (
+            s.corrupt_fraction > self.max_corrupt_fraction
+        ):
+            raise CorruptDataError(
+                f"{s.corrupt} of {s.seen} samples ({s.corrupt_fraction:.1%}) were corrupt, above "
+                f"data.max_corrupt_fraction={self.max_corrupt_fraction}; check the shards with "
+                "`ray-ssl shards inspect URI` or raise the limit"
+            )
+
+    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        for batch in self.shard.iter_batches(
+            batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch_batches
+        ):
+            corrupt = batch.pop("corrupt")
+            bad = int(corrupt.sum())
+            self.stats.seen += len(corrupt)
+            self.stats.corrupt += bad
+            self._check_corrupt_rate(final=False)
+            if bad:
+                batch = {name: column[~corrupt] for name, column in batch.items()}
+            pending.append(batch)
+            pending_rows += len(corrupt) - bad
+            while pending_rows >= self.batch_size:
+                merged = _concat(pending)
+                yield self._to_device(_take(merged, 0, self.batch_size))
+                pending_rows -= self.batch_size
+                pending = (
+                    [_take(merged, self.batch_size, len(merged["idx"]))] if pending_rows else []
+                )
+        self._check_corrupt_rate(final=True)
+        if pending_rows and not self.drop_last:
+            yield self._to_device(_concat(pending))
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """numpy [B,G,H,W,C] -> device tensors in the crop-major [G*B,C,H,W] layout."""
+        pin = self.device.type == "cuda"
+        out: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():  # Arrow-backed arrays are read-only; we copy below
+            warnings.simplefilter("ignore", UserWarning)
+            for name in CROP_COLUMNS:
+                if name not in batch:
+                    continue
+                host = torch.from_numpy(batch[name])
+                moved = (host.pin_memory() if pin else host).to(self.device, non_blocking=True)
+                n, views = moved.shape[:2]
+                if name == "masks":
+                    out[name] = moved.transpose(0, 1).reshape(views * n, -1).clone()
+                else:  # [B,V,H,W,C] -> [V,B,C,H,W] -> [V*B,C,H,W]: one copy, crop-major
+                    out[name] = moved.permute(1, 0, 4, 2, 3).reshape(
+                        views * n, *moved.shape[4:], *moved.shape[2:4]
+                    )
+        for name in ("idx", "label"):
+            out[name] = torch.tensor(batch[name], dtype=torch.int64).to(
+                self.device, non_blocking=True
+            )
+        return out
+
+
+def iter_worker_batches(
+    shard: ray.data.DataIterator,
+    batch_size: int,
+    views: ViewConfig,
+    device: torch.device,
+    max_corrupt_fraction: float,
+    drop_last: bool = True,
+) -> WorkerBatchIterator:
+    """The batch contract for one Train worker; ``.stats`` counts seen and corrupt samples."""
+    return WorkerBatchIterator(shard, batch_size, views, device, max_corrupt_fraction, drop_last)
+
+
+def decode_rows(batch: dict[str, np.ndarray], channels: int) -> dict[str, np.ndarray]:
+    """Raw rows -> {key, idx, label, image uint8 HWC}; corrupt rows are dropped."""
+    keep, images = [], []
+    for i, (data, corrupt) in enumerate(zip(batch["image"], batch["corrupt"], strict=True)):
+        if corrupt:
+            continue
+        try:
+            array = np.asarray(decode_image(data, channels))
+        except CorruptImageError as err:
+            log.warning("skipping sample %s: undecodable image (%s)", batch["key"][i], err)
+            continue
+        keep.append(i)
+        images.append(array[:, :, None] if array.ndim == 2 else array)
+    shapes = {a.shape for a in images}
+    image_column = (
+        np.stack(images) if len(shapes) == 1 else np.array(images + [None], dtype=object)[:-1]
+    )
+    return {
+        "key": np.asarray(batch["key"])[keep],
+        "idx": np.asarray(batch["idx"], np.int64)[keep],
+        "label": np.asarray(batch["label"], np.int64)[keep],
+        "image": image_column,
+    }
+
+
+def read_samples(uri: str, storage: StorageConfig) -> ray.data.Dataset:
+    """Decoded rows {key, idx, label, image uint8 HWC} of a shard set, in shard order."""
+    manifest = read_manifest(uri, storage)
+    raw = ray.data.read_datasource(ShardSetDatasource(uri, manifest, pin_endpoint(storage)))
+    return raw.map_batches(
+        decode_rows, fn_kwargs={"channels": manifest.channels}, batch_format="numpy"
+    )
+
+
+def _fit(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (bicubic) and centre-crop a square."""
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _good_samples(loc: Location, manifest: Manifest) -> Iterator[TarSample]:
+    """Samples with an image and an idx, in shard order; a truncated shard ends early."""
+    for info in manifest.shards:
+        try:
+            for sample in iter_shard(loc.join(info.name)):
+                if sample.image is not None and sample.int_field("idx") is not None:
+                    yield sample
+        except (TruncatedShardError, FileNotFoundError) as err:
+            log.warning("skipping the rest of %s: %s", info.name, err)
+
+
+def load_labelled_arrays(
+    uri: str, storage: StorageConfig, limit: int | None = None, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``limit`` good samples in shard order: images uint8 [N,H,W,C], labels, idx.
+
+    Reads sequentially in this process (no Ray), for small evaluation sets. With ``size`` every
+    image is resized and centre-cropped to size x size; without it the images must share a shape.
+    """
+    manifest = read_manifest(uri, storage)
+    loc = resolve(uri, storage)
+    images, labels, indices = [], [], []
+    for sample in _good_samples(loc, manifest):
+        try:
+            image = decode_image(sample.image, manifest.channels)
+        except CorruptImageError:
+            continue
+        array = np.asarray(_fit(image, size) if size else image)
+        images.append(array[:, :, None] if array.ndim == 2 else array)
+        label = sample.int_field("cls")
+        labels.append(UNKNOWN_LABEL if label is None else label)
+        indices.append(sample.int_field("idx"))
+        if limit is not None and len(images) >= limit:
+            break
+    if len({a.shape for a in images}) > 1:
+        raise ShardError(f"images in {uri} differ in size; pass size= to resize them")
+    if not images:
+        raise ShardError(f"no readable samples in {uri}; check it with `ray-ssl shards inspect`")
+    return np.stack(images), np.asarray(labels, np.int64), np.asarray(indices, np.int64)

@@ -1,0 +1,137 @@
+"""Per-sample view builders driven by ``ViewConfig``: multi-crop, two-view pair, single view.
+
+A sample's views leave the pipeline as uint8 HWC crops (4x smaller than float32); methods call
+:func:`normalize_crops` on the training device. Crop-specific probabilities follow DINO/Franca:
+Gaussian blur p=blur_p[0] on global crop 1 and blur_p[1] on the others, solarize only on global
+crop 2, local crops blur with local_blur_p and never solarize. ``pair`` is two global crops with
+no locals (BYOL/VICReg-style asymmetric blur/solarize), ``single`` one global crop.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ray_ssl.config import ViewConfig
+from ray_ssl.data.augment import CropRecipe, augment_crop
+from ray_ssl.data.masking import MaskGenerator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN = (sum(IMAGENET_MEAN) / 3,)  # one channel: the channel average of the ImageNet stats
+GRAY_STD = (sum(IMAGENET_STD) / 3,)
+SOLARIZED_GLOBAL_CROP = 1  # DINO: solarize only the second global crop
+
+
+class CorruptImageError(ValueError):
+    """Image bytes that do not decode; the pipeline skips and counts the sample."""
+
+
+def crop_counts(views: ViewConfig) -> tuple[int, int]:
+    """(global crops, local crops) per sample for the view kind."""
+    if views.kind == "pair":
+        return 2, 0
+    if views.kind == "single":
+        return 1, 0
+    return views.global_crops, views.local_crops
+
+
+def num_patches(views: ViewConfig) -> int:
+    return (views.global_size // views.patch_size) ** 2
+
+
+def crop_recipes(views: ViewConfig) -> tuple[list[CropRecipe], list[CropRecipe]]:
+    """The recipe of every global and local crop, in crop order."""
+    n_global, n_local = crop_counts(views)
+    common = dict(
+        flip_p=views.flip_p,
+        jitter_p=views.jitter_p,
+        jitter_strength=views.jitter_strength,
+        grayscale_p=views.grayscale_p,
+    )
+    global_recipes = [
+        CropRecipe(
+            size=views.global_size,
+            scale=views.global_scale,
+            blur_p=views.blur_p[min(g, 1)],
+            solarize_p=views.solarize_p if g == SOLARIZED_GLOBAL_CROP else 0.0,
+            **common,
+        )
+        for g in range(n_global)
+    ]
+    local_recipe = CropRecipe(
+        size=views.local_size,
+        scale=views.local_scale,
+        blur_p=views.local_blur_p,
+        solarize_p=0.0,
+        **common,
+    )
+    return global_recipes, [local_recipe] * n_local
+
+
+def decode_image(data: bytes, channels: int) -> Image.Image:
+    """PNG/JPEG bytes -> PIL image in mode "L" (1 channel) or "RGB" (3 channels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        return image.convert("L" if channels == 1 else "RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+        raise CorruptImageError(str(err)) from err
+
+
+class ViewBuilder:
+    """Builds one sample's crops (and masks of its global crops) from a decoded image."""
+
+    def __init__(self, views: ViewConfig):
+        self.views = views
+        self.global_recipes, self.local_recipes = crop_recipes(views)
+        grid = views.global_size // views.patch_size
+        self.masks = (
+            None
+            if views.mask == "none"
+            else MaskGenerator(views.mask, grid, views.mask_ratio, views.mask_sample_p)
+        )
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``global_crops`` [G,H,W,C], ``local_crops`` [L,h,w,C] if any, ``masks`` [G,Np] if any."""
+        out = {"global_crops": np.stack([augment_crop(image, r, rng) for r in self.global_recipes])}
+        if self.local_recipes:
+            out["local_crops"] = np.stack([augment_crop(image, r, rng) for r in self.local_recipes])
+        if self.masks is not None:
+            out["masks"] = np.stack([self.masks(rng) for _ in self.global_recipes])
+        return out
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """All-zero outputs with the shapes of a real sample (placeholders for corrupt rows)."""
+        c, n_global = self.views.channels, len(self.global_recipes)
+        g, loc = self.views.global_size, self.views.local_size
+        out = {"global_crops": np.zeros((n_global, g, g, c), np.uint8)}
+        if self.local_recipes:
+            out["local_crops"] = np.zeros((len(self.local_recipes), loc, loc, c), np.uint8)
+        if self.masks is not None:
+            out["masks"] = np.zeros((n_global, self.masks.num_patches), bool)
+        return out
+
+
+def normalize_crops(
+    crops_uint8: torch.Tensor,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> normalised float on the same device (ImageNet stats by channel count)."""
+    channels = crops_uint8.shape[1]
+    if mean is None or std is None:
+        mean, std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"normalize_crops: {channels} channels but {len(mean)} mean values")
+    shape = (1, channels, 1, 1)
+    scale = torch.tensor([255.0 * s for s in std], device=crops_uint8.device).view(shape)
+    shift = torch.tensor([255.0 * m for m in mean], device=crops_uint8.device).view(shape)
+    return ((crops_uint8.float() - shift) / scale).to(dtype)
