@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray instance per test session, and a real S3 endpoint (moto server)."""
+"""Shared fixtures: one local Ray instance per test session; a real S3 endpoint (moto server)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Data tasks can be scheduled side by side (they are mostly idle, waiting on each other).
 TEST_CLUSTER_CPUS = 6
 
+_MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
@@ -27,7 +33,11 @@ def ray_local() -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1"}},
+        # Dummy S3 credentials for the moto server: Ray workers start before any test sets the
+        # driver's AWS variables, and botocore refuses to sign requests without credentials.
+        runtime_env={
+            "env_vars": {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1", **_MOTO_CREDENTIALS}
+        },
     )
     yield
     ray.shutdown()
@@ -49,12 +59,7 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in _AWS_VARS}
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint,
-    )
+    os.environ.update(**_MOTO_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
     yield endpoint
     server.stop()
     for key, value in saved.items():

@@ -26,10 +26,10 @@ BLOCK_ATTEMPTS = 10  # BEiT: tries per block before giving up on that block
 def _add_block(mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
     """Set one random rectangle of at most ``budget`` new patches; returns patches added."""
     grid_h, grid_w = mask.shape
-    max_area = max(MIN_BLOCK_PATCHES, int(MAX_BLOCK_FRACTION * mask.size))
+    max_area = min(budget, max(MIN_BLOCK_PATCHES, int(MAX_BLOCK_FRACTION * mask.size)))
     log_aspect = (math.log(MIN_ASPECT), math.log(1.0 / MIN_ASPECT))
     for _ in range(BLOCK_ATTEMPTS):
-        area = rng.uniform(MIN_BLOCK_PATCHES, max_area)
+        area = rng.uniform(min(MIN_BLOCK_PATCHES, max_area), max_area)  # BEiT: U(min, remaining)
         aspect = math.exp(rng.uniform(*log_aspect))
         h = int(round(math.sqrt(area * aspect)))
         w = int(round(math.sqrt(area / aspect)))

@@ -100,6 +100,8 @@ class ViewBuilder:
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """``global_crops`` [G,H,W,C], ``local_crops`` [L,h,w,C] if any, ``masks`` [G,Np] if any."""
+        mode = "L" if self.views.channels == 1 else "RGB"
+        image = image if image.mode == mode else image.convert(mode)
         out = {"global_crops": np.stack([augment_crop(image, r, rng) for r in self.global_recipes])}
         if self.local_recipes:
             out["local_crops"] = np.stack([augment_crop(image, r, rng) for r in self.local_recipes])
