@@ -93,6 +93,7 @@ class ModelConfig:
     """The ViT backbone (timm)."""
 
     arch: Literal["tiny", "small", "base", "large", "giant"] = "tiny"
+    depth: int | None = None  # blocks; None = the arch's (12/12/12/24/40); fewer for CPU runs
     patch_size: int = 14
     img_size: int = 224
     in_chans: int = 3
@@ -107,19 +108,21 @@ class ModelConfig:
 class FrancaConfig:
     """Franca (arXiv 2507.14137) objective and teacher."""
 
-    prototypes: int = 131072  # prototypes of the largest Matryoshka level (paper: 131072 at ViT-G)
+    prototypes: int = 131072  # DINO (CLS) prototypes of the largest Matryoshka level (ViT-G)
+    ibot_prototypes: int = 131072  # iBOT (patch) prototypes of the largest level (DINOv2 ViT-g)
     nesting_levels: int = 5  # dims D/16, D/8, D/4, D/2, D
     head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
+    head_bottleneck_dim: int = 384  # DINO head (DINOv2 vitg14.yaml)
+    ibot_head_bottleneck_dim: int = 256  # iBOT head (DINOv2 default)
     head_layers: int = 3
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     teacher_temp_warmup: float = 0.04
     teacher_temp_warmup_epochs: int = 30
     sinkhorn_iterations: int = 3
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
+    dino_weight: float = 1.0  # weight of the DINO CLS loss (each Matryoshka level weighs 1)
+    ibot_weight: float = 1.0  # weight of the iBOT masked-patch loss
+    koleo_weight: float = 0.1  # weight of KoLeo on the student's global-crop CLS tokens
     momentum_start: float = 0.994
     momentum_end: float = 1.0
     freeze_last_layer_epochs: int = 1

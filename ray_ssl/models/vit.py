@@ -86,7 +86,7 @@ class ViT(VisionTransformer):
     """
 
     def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], **arch_kwargs: Any) -> None:
-        super().__init__(**arch_kwargs, **timm_kwargs)
+        super().__init__(**{**arch_kwargs, **timm_kwargs})  # timm_kwargs win, as in timm
         self.patch_size: int = self.patch_embed.patch_size[0]
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))  # zeros as DINOv2
         self._timm_name = timm_name
@@ -139,6 +139,10 @@ def timm_kwargs_for(model: ModelConfig) -> tuple[str, dict[str, Any]]:
         "reg_tokens": model.num_registers,
         "init_values": model.layerscale,
     }
+    if model.depth is not None:
+        if model.depth < 1:
+            raise ValueError(f"model depth must be >= 1, got {model.depth}")
+        kwargs["depth"] = model.depth
     return spec.timm_name, kwargs
 
 
@@ -157,7 +161,7 @@ def _arch_kwargs(spec: ArchSpec) -> dict[str, Any]:
     """The arguments timm's registered model function passes for this size."""
     args: dict[str, Any] = {
         "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
+        "depth": spec.depth,  # overridden by timm_kwargs_for when ModelConfig.depth is set
         "num_heads": spec.num_heads,
         "mlp_ratio": spec.timm_mlp_ratio,
     }
@@ -190,4 +194,5 @@ def vit_forward_flops(model: ModelConfig, img_size: int, batch: int) -> int:
     attention = 2 * 2 * tokens * tokens * dim
     ffn_in = 2 * spec.ffn_hidden if spec.swiglu else spec.ffn_hidden  # SwiGLU: gate + value
     ffn = 2 * tokens * (dim * ffn_in + spec.ffn_hidden * dim)
-    return batch * (embed + spec.depth * (projections + attention + ffn))
+    depth = spec.depth if model.depth is None else model.depth
+    return batch * (embed + depth * (projections + attention + ffn))
