@@ -167,6 +167,7 @@ def atomic_write(loc: Location) -> Iterator[IO[bytes]]:
         yield fh
     except BaseException:
         fh.discard()  # drop the pending upload instead of completing it
+        fh.closed = True  # else the file's __del__ would try to flush the discarded buffer
         raise
     fh.close()
 
