@@ -178,13 +178,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     epochs: int = 1
     steps_per_epoch: int | None = None  # None = dataset size // batch size
-    checkpoint_every: int = 50  # steps
+    checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
-    max_failures: int = 0
+    max_failures: int = 0  # Ray Train restarts from the latest checkpoint this many times
     run_name: str = "ray-ssl"
-    storage_path: str = "ray_results"
+    storage_path: str = "ray_results"  # local dir or s3://bucket/prefix (shared across nodes)
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 10  # steps between metric reports
 
 
 @dataclass
@@ -199,6 +199,7 @@ class EvalConfig:
 
 
 @dataclass
+    feature_batch_size: int = 256  # images per backbone forward when extracting features
 class CurationConfig:
     """Hierarchical k-means curation (arXiv 2405.15613)."""
 

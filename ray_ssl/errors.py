@@ -10,6 +10,7 @@ from ray_ssl.config import ConfigError
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.storage import StorageError
 from ray_ssl.memory_bank.shard import MemoryBankError
+from ray_ssl.train.checkpoint import CheckpointError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -17,4 +18,5 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ShardError,
     CorruptDataError,
     MemoryBankError,
+    CheckpointError,
 )

@@ -1,0 +1,130 @@
+"""A worker's stream of batches over successive passes of the data.
+
+Pass ``p`` is ``build_train_dataset(..., epoch=p)``: its shard order and augmentation seeds are
+fixed by (``data.shuffle_seed``, p). A pass gives ``steps_per_pass = dataset size // global
+batch`` steps, so the data position is a function of the step alone: pass ``step //
+steps_per_pass``, ``step % steps_per_pass`` batches already consumed. At the start of each pass,
+rank 0 builds that pass's dataset and ``streaming_split``s it over the workers (what Ray Train's
+``DataConfig`` does: equal shares, locality hints) and broadcasts the split iterators, so every
+rank opens the pass at the same step. Resuming mid-pass rebuilds the pass and skips the batches
+already consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+import torch
+
+from ray_ssl.config import Config, ViewConfig
+from ray_ssl.data.stream import build_train_dataset, iter_worker_batches
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+def _broadcast_object(obj: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _all_node_ids(world_size: int) -> list[str]:
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node_id]
+    ids: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(ids, node_id)
+    return ids
+
+
+class PassStream:
+    """Exactly one batch of ``batch_size / world_size`` samples per call, pass after pass."""
+
+    def __init__(
+        self,
+        config: Config,
+        views: ViewConfig,
+        steps_per_pass: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        start_step: int = 0,
+    ):
+        self.config, self.views, self.device = config, views, device
+        self.steps_per_pass = steps_per_pass
+        self.rank, self.world_size = rank, world_size
+        self.per_worker_batch = config.data.batch_size // world_size
+        self.pass_index, self.position = divmod(start_step, steps_per_pass)
+        self.node_ids = _all_node_ids(world_size)
+        self._iterator: Any = None
+        self._last: Batch | None = None
+        self.finished_seen = 0
+        self.finished_corrupt = 0
+        self.repeated_batches = 0
+
+    @property
+    def seen(self) -> int:
+        """Samples read by this worker so far (this launch), corrupt ones included."""
+        return self.finished_seen + (self._iterator.stats.seen if self._iterator else 0)
+
+    @property
+    def corrupt(self) -> int:
+        return self.finished_corrupt + (self._iterator.stats.corrupt if self._iterator else 0)
+
+    def _open_pass(self) -> None:
+        if self._iterator is not None:
+            self.finished_seen += self._iterator.stats.seen
+            self.finished_corrupt += self._iterator.stats.corrupt
+        splits = None
+        if self.rank == 0:
+            dataset = build_train_dataset(
+                self.config.data, self.views, self.config.storage, epoch=self.pass_index
+            )
+            # The order within a pass is then a function of (seed, pass) for exact resumes.
+            dataset.context.execution_options.preserve_order = True
+            splits = dataset.streaming_split(
+                self.world_size, equal=True, locality_hints=self.node_ids
+            )
+        splits = _broadcast_object(splits, self.world_size)
+        self._iterator = iter_worker_batches(
+            splits[self.rank],
+            self.per_worker_batch,
+            self.views,
+            self.device,
+            self.config.data.max_corrupt_fraction,
+        )
+        if self.position:
+            log.info("pass %d: skipping %d consumed batches", self.pass_index, self.position)
+        for _ in range(self.position):
+            self._next_or_repeat()
+
+    def _next_or_repeat(self) -> Batch:
+        try:
+            self._last = next(self._iterator)
+        except StopIteration:
+            # Corrupt samples left this worker's share short of a full pass: keep step with
+            # the other ranks by reusing the last batch (counted in ``repeated_batches``).
+            if self._last is None:
+                raise
+            self.repeated_batches += 1
+            log.warning(
+                "pass %d ran short on rank %d; repeating a batch", self.pass_index, self.rank
+            )
+        return self._last
+
+    def next_batch(self) -> Batch:
+        """The next batch; opens the next pass when the current one is used up."""
+        if self._iterator is None:
+            self._open_pass()
+        elif self.position == self.steps_per_pass:
+            self.pass_index, self.position = self.pass_index + 1, 0
+            self._open_pass()
+        batch = self._next_or_repeat()
+        self.position += 1
+        return batch

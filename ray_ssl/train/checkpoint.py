@@ -1,0 +1,184 @@
+"""Checkpoints of a training run, and the export of the teacher backbone.
+
+A checkpoint directory holds DeepSpeed's per-rank shards (``ds/``; every rank writes files with
+distinct names, Ray Train merges the ranks' directories), each rank's RNG state, the method's
+extra state, ``train_state.json`` (step, world size, metric history) and ``config.json`` (the
+resolved config). Each rank writes ``complete/rank_<r>`` last; a checkpoint missing any of them
+is refused at restore. Ray Train registers a checkpoint only after every rank has reported it,
+so an interrupted save is never the one ``ray.train.get_checkpoint()`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ray_ssl.config import Config, StorageConfig, to_dict
+from ray_ssl.data.storage import resolve, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_TAG = "ds"
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "config.json"
+RNG_DIR = "rng"
+COMPLETE_DIR = "complete"
+EXPORT_WEIGHTS = "teacher_backbone.safetensors"
+EXPORT_META = "teacher_backbone.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: completed optimizer steps and what was reported so far."""
+
+    step: int = 0
+    world_size: int = 1
+    zero_stage: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    directory: str,
+    engine: Any,
+    state: TrainState,
+    config: Config,
+    rank: int,
+) -> None:
+    """Write this rank's part of a checkpoint into local ``directory`` (called on every rank)."""
+    path = Path(directory)
+    engine.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, client_state={"step": state.step})
+    (path / RNG_DIR).mkdir(exist_ok=True)
+    torch.save(_rng_state(), path / RNG_DIR / f"rank_{rank}.pt")
+    if rank == 0:
+        engine.module.save_extra_state(str(path), state.step)
+        (path / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=1))
+    (path / COMPLETE_DIR).mkdir(exist_ok=True)
+    (path / COMPLETE_DIR / f"rank_{rank}").write_text(str(state.step))
+
+
+def read_train_state(directory: str) -> TrainState:
+    """The ``train_state.json`` of a checkpoint directory."""
+    raw = json.loads((Path(directory) / STATE_FILE).read_text())
+    return TrainState(**raw)
+
+
+def check_complete(directory: str, world_size: int) -> TrainState:
+    """The checkpoint's state if every rank finished writing it and the world size matches."""
+    path = Path(directory)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {STATE_FILE}; it is incomplete")
+    state = read_train_state(directory)
+    missing = [
+        r for r in range(state.world_size) if not (path / COMPLETE_DIR / f"rank_{r}").is_file()
+    ]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} lacks the shards of ranks {missing}")
+    if state.world_size != world_size:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {state.world_size} workers, this run has "
+            f"{world_size}; resume with train.num_workers={state.world_size}"
+        )
+    return state
+
+
+def restore_checkpoint(directory: str, engine: Any, rank: int, world_size: int) -> TrainState:
+    """Load model, teacher, optimizer, RNG and method state from ``directory`` on every rank."""
+    state = check_complete(directory, world_size)
+    load_path, _ = engine.engine.load_checkpoint(
+        directory, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{DEEPSPEED_TAG}")
+    _set_rng_state(torch.load(Path(directory) / RNG_DIR / f"rank_{rank}.pt", weights_only=False))
+    engine.module.load_extra_state(directory)
+    log.info("resumed from %s at step %d", directory, state.step)
+    return state
+
+
+def gathered_state_dict(module: nn.Module, state_dict_fn: Any = None) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of ``module``'s state dict; under ZeRO-3 gathers (all ranks must call)."""
+    import deepspeed
+
+    params = list(module.parameters())
+    partitioned = any(hasattr(p, "ds_tensor") for p in params)
+    state_dict_fn = state_dict_fn or module.state_dict
+    if not partitioned:
+        return {k: v.detach().float().cpu().clone() for k, v in state_dict_fn().items()}
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().float().cpu().clone() for k, v in state_dict_fn().items()}
+
+
+def export_backbone(
+    backbone: nn.Module, out_uri: str, storage: StorageConfig, rank: int, extra: dict[str, Any]
+) -> str | None:
+    """Write the backbone as one safetensors file plus a JSON sidecar for timm; returns its URI.
+
+    ``backbone`` must offer ``timm_name_and_kwargs()`` and ``timm_state_dict()`` (see
+    :mod:`ray_ssl.models.vit`). All ranks call this (ZeRO-3 gathers); rank 0 writes.
+    """
+    from safetensors.torch import save
+
+    tensors = gathered_state_dict(backbone, backbone.timm_state_dict)
+    if rank != 0:
+        return None
+    name, kwargs = backbone.timm_name_and_kwargs()
+    loc = resolve(out_uri, storage)
+    weights = loc.join(EXPORT_WEIGHTS)
+    write_bytes_atomic(weights, save({k: v.contiguous() for k, v in tensors.items()}))
+    meta = {"timm_name": name, "timm_kwargs": kwargs, "weights": EXPORT_WEIGHTS, **extra}
+    write_bytes_atomic(loc.join(EXPORT_META), json.dumps(meta, indent=1).encode())
+    log.info("exported the teacher backbone (%s) to %s", name, weights.uri)
+    return weights.uri
+
+
+def load_exported_backbone(uri: str, storage: StorageConfig | None = None) -> nn.Module:
+    """``timm.create_model`` from an export directory's sidecar, with its weights loaded."""
+    import timm
+    from safetensors.torch import load
+
+    from ray_ssl.data.storage import read_bytes
+
+    loc = resolve(uri, storage)
+    meta = json.loads(read_bytes(loc.join(EXPORT_META)))
+    model = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"])
+    model.load_state_dict(load(read_bytes(loc.join(meta["weights"]))))
+    return model
+
+
+def local_path_of(uri: str) -> str | None:
+    """The local filesystem path of ``uri`` if it is local, else None."""
+    loc = resolve(uri)
+    return loc.path if loc.scheme == "file" and os.path.isabs(loc.path) else None

@@ -1,0 +1,179 @@
+"""DeepSpeed engine for a Method: ZeRO config, DINOv2 parameter groups, per-step schedules.
+
+The whole :class:`~ray_ssl.methods.base.Method` (student, heads and the frozen EMA teacher) is the
+engine's module, so under ZeRO-3 the teacher's parameters are partitioned exactly like the
+student's and the method's EMA updates local partitions. Only parameters with
+``requires_grad`` reach the optimizer. The learning rate and weight decay of every step are
+written into the optimizer's ``param_groups`` (each group carries its multipliers), which is how
+DINOv2 applies its schedules; DeepSpeed keeps those extra keys on its ZeRO optimizers' groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ray_ssl.config import Config, OptimConfig
+from ray_ssl.models.heads import is_last_layer_param
+from ray_ssl.train.schedules import StepValues, TrainSchedules
+
+log = logging.getLogger(__name__)
+
+# Parameters without weight decay (DINOv2 get_params_groups_with_decay: biases, norms and
+# LayerScale "gamma"; plus the learned tokens and position embedding, timm's no_weight_decay()).
+NO_DECAY_SUFFIXES = (
+    ".bias",
+    "cls_token",
+    "pos_embed",
+    "mask_token",
+    "reg_token",
+    "register_tokens",
+)
+NO_DECAY_SUBSTRINGS = ("norm", "gamma")
+PATCH_EMBED_KEY = "patch_embed"
+NEVER_PRINT = 2**31 - 1  # DeepSpeed steps_per_print: we report metrics ourselves
+
+
+def param_groups(module: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """Trainable parameters of ``module`` in groups of equal (lr_mult, wd_mult, is_last_layer).
+
+    Each group dict holds ``params``, ``lr_mult``, ``wd_mult``, ``is_last_layer`` and ``names``.
+    """
+    groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = name.endswith(NO_DECAY_SUFFIXES) or any(s in name for s in NO_DECAY_SUBSTRINGS)
+        lr_mult = optim.patch_embed_lr_mult if PATCH_EMBED_KEY in name else 1.0
+        # DINO/iBOT heads' prototype layer: lr 0 for the first epoch(s), as DINOv2.
+        key = (lr_mult, 0.0 if no_decay else 1.0, is_last_layer_param(name))
+        group = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "names": [],
+                "lr_mult": key[0],
+                "wd_mult": key[1],
+                "is_last_layer": key[2],
+            },
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    if not groups:
+        raise ValueError("the method has no trainable parameters (requires_grad=True)")
+    return list(groups.values())
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], optim: OptimConfig, fused: bool
+) -> torch.optim.Optimizer:
+    """AdamW (DINOv2) or SGD with momentum (InstDisc); lr/wd are set per step by the schedules."""
+    torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if optim.name == "sgd":
+        return torch.optim.SGD(torch_groups, lr=0.0, momentum=optim.momentum_sgd, weight_decay=0.0)
+    return torch.optim.AdamW(torch_groups, lr=0.0, betas=optim.betas, weight_decay=0.0, fused=fused)
+
+
+def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a run: ZeRO stage, precision, clipping, batch sizes."""
+    t = config.train
+    per_worker = config.data.batch_size // world_size
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=t.use_gpu)
+    return {
+        "train_batch_size": per_worker * world_size,
+        "train_micro_batch_size_per_gpu": per_worker,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": NEVER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_distributed(use_gpu: bool) -> None:
+    """Reuse the process group Ray Train set up; else start a one-process group (tests, bench)."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(var, value)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+
+
+@dataclass
+class TrainEngine:
+    """A DeepSpeed engine around a method, with the run's schedules."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine
+    schedules: TrainSchedules
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+    def apply_schedules(self, step: int) -> StepValues:
+        """Write this step's lr and weight decay into every optimizer param group."""
+        values = self.schedules.at(step)
+        for group in self.engine.optimizer.param_groups:
+            lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+            group["lr"] = lr * group["lr_mult"]
+            group["weight_decay"] = values.weight_decay * group["wd_mult"]
+        return values
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step: schedules, forward, backward, clip + step, then ``after_step``."""
+        self.apply_schedules(step)
+        out = self.engine(batch, step)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        self.engine.module.after_step(step)
+        return out
+
+
+def build_engine(method: nn.Module, config: Config, schedules: TrainSchedules) -> TrainEngine:
+    """Wrap ``method`` in a DeepSpeed engine configured from ``config``."""
+    import deepspeed
+
+    ensure_distributed(config.train.use_gpu)
+    world_size = torch.distributed.get_world_size()
+    groups = param_groups(method, config.optim)
+    fused = config.train.use_gpu and torch.cuda.is_available()
+    optimizer = build_optimizer(groups, config.optim, fused=fused)
+    engine, _, _, _ = deepspeed.initialize(
+        model=method, optimizer=optimizer, config=deepspeed_config(config, world_size)
+    )
+    log.info(
+        "DeepSpeed ZeRO-%d engine: %d trainable params in %d groups, world size %d",
+        config.train.zero_stage,
+        sum(p.numel() for g in groups for p in g["params"]),
+        len(groups),
+        world_size,
+    )
+    return TrainEngine(engine, schedules)

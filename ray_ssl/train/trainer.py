@@ -1,0 +1,273 @@
+"""``run_training``: check the inputs, then pretrain with a Ray Train ``TorchTrainer``.
+
+Every input problem is found here, on the driver, before a worker starts: config values the
+dataclasses cannot express, missing or too-small shard sets, images smaller than the crops, and a
+run directory that already holds a run of another model or worker layout. Launching the same
+``train.run_name`` under the same ``train.storage_path`` again resumes from its latest checkpoint
+(Ray Train restores the run's checkpoint list; each worker loads it in ``train_loop_per_worker``).
+After training, the driver writes the report (kNN of the teacher against raw pixels) and curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ray_ssl.config import Config, ConfigError, to_dict
+from ray_ssl.data.shards import Manifest, read_manifest
+from ray_ssl.data.storage import read_bytes, resolve, s3_options, write_bytes_atomic
+from ray_ssl.train.checkpoint import STATE_FILE, CheckpointError, TrainState
+from ray_ssl.train.loop import EXPORT_DIR, LoopPlan, loop_config_for, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "ray_ssl_config.json"
+# Sections that fix the shapes of the saved model/optimizer state: a run directory that holds
+# a run with other values cannot be resumed by this config.
+STATE_SHAPING_KEYS = (
+    ("model",),
+    ("train", "method"),
+    ("train", "num_workers"),
+    ("train", "zero_stage"),
+)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """Where a finished run left its results."""
+
+    run_uri: str
+    checkpoint_path: str | None
+    metrics: dict[str, Any]
+    report_uri: str | None
+    export_uri: str
+
+
+def run_uri_of(config: Config) -> str:
+    """The run's directory: ``<train.storage_path>/<train.run_name>`` (absolute if local)."""
+    base = config.train.storage_path
+    if not base.startswith("s3://"):
+        base = resolve(base).path
+    return f"{base.rstrip('/')}/{config.train.run_name}"
+
+
+def _check_config(config: Config) -> None:
+    t, v, e = config.train, config.views, config.eval
+    if t.precision != "fp32" and not t.use_gpu:
+        raise ConfigError(
+            f"train.precision={t.precision} needs train.use_gpu=true; "
+            "use train.precision=fp32 on CPU"
+        )
+    for name, value in (
+        ("train.epochs", t.epochs),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.log_every", t.log_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.cpus_per_worker", t.cpus_per_worker),
+        ("eval.feature_batch_size", e.feature_batch_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    if t.steps_per_epoch is not None and t.steps_per_epoch < 1:
+        raise ConfigError(f"train.steps_per_epoch={t.steps_per_epoch} must be >= 1 or null")
+    if e.knn_every < 0:
+        raise ConfigError(f"eval.knn_every={e.knn_every} must be >= 0 (0 disables online kNN)")
+    if t.max_failures < -1:
+        raise ConfigError(f"train.max_failures={t.max_failures} must be >= -1 (-1 = unlimited)")
+    if v.kind == "multicrop" and v.local_crops and v.local_size > v.global_size:
+        raise ConfigError(
+            f"views.local_size={v.local_size} is larger than views.global_size={v.global_size}; "
+            "local crops must not exceed global crops"
+        )
+
+
+def _check_images(config: Config, manifest: Manifest) -> None:
+    """The crops must fit in the images: compare with the first sample of the shard set."""
+    from ray_ssl.data.stream import load_labelled_arrays
+
+    images, _, _ = load_labelled_arrays(config.data.uri, config.storage, limit=1)
+    height, width = images.shape[1:3]
+    if config.views.global_size > min(height, width):
+        raise ConfigError(
+            f"views.global_size={config.views.global_size} is larger than the {height}x{width} "
+            f"images of {config.data.uri}; choose a crop size <= {min(height, width)}"
+        )
+    if images.shape[3] != config.views.channels:
+        raise ConfigError(
+            f"views.channels={config.views.channels} but the images of {config.data.uri} have "
+            f"{images.shape[3]} channels ({manifest.source}); set views.channels and "
+            "model.in_chans to match"
+        )
+
+
+def plan_run(config: Config) -> tuple[LoopPlan, Manifest]:
+    """Validate the inputs and compute the run's geometry (no worker is started)."""
+    _check_config(config)
+    manifest = read_manifest(config.data.uri, config.storage)
+    steps_per_pass = manifest.count // config.data.batch_size
+    if steps_per_pass < 1:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} is larger than the {manifest.count} samples "
+            f"of {config.data.uri}; lower the batch size"
+        )
+    _check_images(config, manifest)
+    num_classes = len(manifest.classes)
+    if config.data.eval_uri is not None:
+        eval_manifest = read_manifest(config.data.eval_uri, config.storage)
+        num_classes = max(num_classes, len(eval_manifest.classes))
+        if num_classes < 2:
+            raise ConfigError(
+                f"online kNN needs labelled shards but {config.data.uri} / {config.data.eval_uri} "
+                "list no classes; set data.eval_uri=null or write labelled shards"
+            )
+    steps_per_epoch = config.train.steps_per_epoch or steps_per_pass
+    plan = LoopPlan(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.train.epochs * steps_per_epoch,
+        steps_per_pass=steps_per_pass,
+        num_classes=num_classes,
+        run_uri=run_uri_of(config),
+    )
+    return plan, manifest
+
+
+def _pick(values: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        values = values.get(key, {}) if isinstance(values, dict) else {}
+    return values
+
+
+def check_run_directory(config: Config) -> None:
+    """Refuse to resume a run directory that holds a run of another model or worker layout."""
+    loc = resolve(run_uri_of(config), config.storage).join(RUN_CONFIG_FILE)
+    if not loc.exists():
+        return
+    saved = json.loads(read_bytes(loc))
+    current = to_dict(config)
+    for keys in STATE_SHAPING_KEYS:
+        if _pick(saved, keys) != _pick(current, keys):
+            name = ".".join(keys)
+            raise CheckpointError(
+                f"run '{config.train.run_name}' in {config.train.storage_path} was started with "
+                f"another {name} ({_pick(saved, keys)} vs {_pick(current, keys)}); its checkpoints "
+                "cannot be resumed by this config: choose another train.run_name or delete "
+                f"{run_uri_of(config)}"
+            )
+
+
+def _save_run_config(config: Config) -> None:
+    loc = resolve(run_uri_of(config), config.storage).join(RUN_CONFIG_FILE)
+    write_bytes_atomic(loc, json.dumps(to_dict(config), indent=1).encode())
+
+
+def _storage_for_ray(config: Config) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for ``RunConfig``."""
+    path = config.train.storage_path
+    if not path.startswith("s3://"):
+        return resolve(path).path, None
+    import pyarrow.fs
+
+    client = s3_options(config.storage)["client_kwargs"]
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=client.get("endpoint_url"), region=client.get("region_name")
+    )
+    return path[len("s3://") :].rstrip("/"), filesystem
+
+
+def build_trainer(config: Config, plan: LoopPlan) -> Any:
+    """The ``TorchTrainer`` of a run (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = config.train
+    resources = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        resources["GPU"] = 1.0
+    storage_path, filesystem = _storage_for_ray(config)
+    env = {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config_for(to_dict(config), plan),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def _final_state(checkpoint: Any) -> TrainState:
+    """``train_state.json`` of a (possibly remote) checkpoint, without downloading the shards."""
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{STATE_FILE}") as fh:
+        return TrainState(**json.loads(fh.read()))
+
+
+def write_run_report(config: Config, plan: LoopPlan, history: list[dict[str, float]]) -> str:
+    """Write ``report.json`` and ``curves.png`` into the run directory; returns the report URI."""
+    from ray_ssl.eval.report import REPORT_FILE, render_report
+    from ray_ssl.train.online_eval import pixel_knn_accuracy
+
+    baseline = pixel_knn_accuracy(config, plan.num_classes)
+    run = resolve(plan.run_uri, config.storage)
+    for name, content in render_report(to_dict(config), history, baseline).items():
+        write_bytes_atomic(run.join(name), content)
+    return run.join(REPORT_FILE).uri
+
+
+def _absolute(uri: str | None) -> str | None:
+    """Local paths made absolute (workers do not share the driver's working directory)."""
+    if uri is None or uri.startswith("s3://"):
+        return uri
+    return resolve(uri).path
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """``config`` with its local data and storage paths made absolute."""
+    data = dataclasses.replace(
+        config.data, uri=_absolute(config.data.uri), eval_uri=_absolute(config.data.eval_uri)
+    )
+    train = dataclasses.replace(config.train, storage_path=_absolute(config.train.storage_path))
+    return dataclasses.replace(config, data=data, train=train)
+
+
+def run_training(config: Config) -> TrainingOutcome:
+    """Pretrain ``config`` on the connected Ray cluster (starting a local one if none)."""
+    import ray
+
+    config = with_absolute_paths(config)
+    plan, _ = plan_run(config)
+    check_run_directory(config)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    _save_run_config(config)
+    log.info(
+        "training %s: %d steps (%d per epoch, %d per data pass) of global batch %d on %d workers",
+        config.train.method,
+        plan.total_steps,
+        plan.steps_per_epoch,
+        plan.steps_per_pass,
+        config.data.batch_size,
+        config.train.num_workers,
+    )
+    result = build_trainer(config, plan).fit()
+    report_uri = None
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    if result.checkpoint is not None and config.data.eval_uri is not None:
+        report_uri = write_run_report(config, plan, _final_state(result.checkpoint).history)
+    return TrainingOutcome(
+        run_uri=plan.run_uri,
+        checkpoint_path=checkpoint_path,
+        metrics=dict(result.metrics or {}),
+        report_uri=report_uri,
+        export_uri=f"{plan.run_uri}/{EXPORT_DIR}",
+    )
