@@ -133,15 +133,18 @@ class InstDiscConfig:
     """InstDisc (arXiv 1805.01978) with a sharded memory bank."""
 
     backbone: str = "vit"  # "vit" (model section) or a timm name such as "resnet50"
+    num_instances: int | None = None  # N = bank rows = the shard set's sample count (dense idx)
     feature_dim: int = 128
-    negatives: int = 4096
+    negatives: int = 4096  # m, shared by the whole batch of a step
     temperature: float = 0.07
     bank_momentum: float = 0.5
-    proximal_weight: float = 30.0  # lambda of the proximal term (paper sec. 3.4)
+    proximal_weight: float = 30.0  # lambda of the proximal term (paper sec. 3.3); 0 disables
     z_momentum: float = 0.99  # running average of the Monte-Carlo Z estimate
-    exact_softmax: bool = False
+    exact_softmax: bool = False  # full non-parametric softmax over the bank (small N only)
     bank_shards: int = 2
     bank_dtype: Literal["float16", "float32"] = "float32"
+    bank_cpus_per_shard: float = 0.5
+    bank_max_restarts: int = 3  # Ray restarts of a dead shard actor (from its latest snapshot)
     max_inflight_updates: int = 4
     knn_k: int = 200
     knn_sigma: float = 0.07

@@ -1,0 +1,138 @@
+"""InstDiscMethod standalone (no Ray Train): loss, bank updates, checkpoint round trip, kNN."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from ray_ssl.config import ConfigError, load_config
+from ray_ssl.eval.knn import weighted_knn_predict
+from ray_ssl.losses.nce import exact_softmax_loss
+from ray_ssl.memory_bank.shard import momentum_update
+from ray_ssl.methods.instdisc import BANK_POINTER_FILE, InstDiscMethod, knn_predict_from_bank
+
+N, BATCH = 64, 8
+
+
+def _config(tmp_path, *overrides: str):
+    return load_config(
+        "instdisc_local",
+        [
+            f"instdisc.num_instances={N}",
+            "instdisc.negatives=32",
+            "instdisc.bank_cpus_per_shard=0.1",
+            f"train.run_name=instdisc-test-{uuid.uuid4().hex[:8]}",
+            f"train.storage_path={tmp_path}",
+            "train.checkpoint_every=3",
+            *overrides,
+        ],
+    )
+
+
+def _batch(step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    crops = torch.randint(0, 256, (BATCH, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    return {"global_crops": crops, "idx": torch.randperm(N, generator=gen)[:BATCH]}
+
+
+def _train_steps(method: InstDiscMethod, steps: range) -> list[dict[str, torch.Tensor]]:
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.03)
+    outs = []
+    for step in steps:
+        out = method(_batch(step), step)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.after_step(step)
+        outs.append(out)
+    return outs
+
+
+@pytest.fixture
+def method(ray_local, tmp_path):
+    method = InstDiscMethod(_config(tmp_path), steps_per_epoch=10, total_steps=10)
+    yield method
+    if method._bank is not None:  # created on first use
+        method.bank.shutdown()
+
+
+def test_view_spec_is_one_single_view(method: InstDiscMethod) -> None:
+    spec = method.view_spec
+    assert (spec.kind, spec.global_crops, spec.local_crops, spec.mask) == ("single", 1, 0, "none")
+
+
+def test_step_updates_the_bank_rows_of_the_batch(method: InstDiscMethod) -> None:
+    before = method.bank.read_all().copy()
+    batch = _batch(0)
+    out = method(batch, 0)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    out["loss"].backward()
+    assert method.projection.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # same crops and weights, BN in train mode on the same batch
+        features = method.embed(batch["global_crops"]).numpy()
+    method.after_step(0)
+    method.bank.flush()
+    rows = batch["idx"].numpy()
+    after = method.bank.read_all()
+    np.testing.assert_allclose(after[rows], momentum_update(before[rows], features, 0.5), atol=1e-5)
+    untouched = np.setdiff1d(np.arange(N), rows)
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+    assert method.log_z is not None and np.isfinite(method.log_z)
+
+
+def test_checkpoint_round_trip_restores_bank_and_z(method: InstDiscMethod, tmp_path) -> None:
+    _train_steps(method, range(3))  # step 2 is a checkpoint step: updates are settled
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    method.save_extra_state(str(checkpoint), 3)
+    at_checkpoint = method.bank.read_all().copy()
+    state_at_checkpoint = copy.deepcopy(method.state_dict())
+    assert json.loads((checkpoint / BANK_POINTER_FILE).read_text())["step"] == 3
+
+    _train_steps(method, range(3, 6))
+    assert not np.array_equal(method.bank.read_all(), at_checkpoint)
+    method.load_state_dict(state_at_checkpoint)  # what DeepSpeed's load_checkpoint does
+    method.load_extra_state(str(checkpoint))
+    np.testing.assert_array_equal(method.bank.read_all(), at_checkpoint)
+    assert method.log_z == state_at_checkpoint["_extra_state"]["log_z"]
+    _train_steps(method, range(3, 4))  # training continues from the restored bank
+
+
+def test_exact_softmax_variant_uses_the_whole_bank(ray_local, tmp_path) -> None:
+    method = InstDiscMethod(
+        _config(tmp_path, "instdisc.exact_softmax=true"), steps_per_epoch=10, total_steps=10
+    )
+    try:
+        batch = _batch(1)
+        bank = torch.from_numpy(method.bank.read_all().copy())
+        out = method(batch, 0)
+        with torch.no_grad():
+            features = method.embed(batch["global_crops"])
+        expected = exact_softmax_loss(features, bank, batch["idx"], 0.07)
+        assert torch.isclose(out["loss"], expected, rtol=1e-4)
+    finally:
+        method.bank.shutdown()
+
+
+def test_knn_from_bank_equals_knn_over_the_whole_bank(method: InstDiscMethod) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=N)
+    queries = torch.from_numpy(rng.normal(size=(300, 128)).astype(np.float32))
+    ours = knn_predict_from_bank(method.bank, labels, queries, num_classes=5, k=10, sigma=0.07)
+    full = weighted_knn_predict(
+        torch.from_numpy(method.bank.read_all().copy()), torch.from_numpy(labels), queries, 5, 10
+    )
+    assert torch.equal(ours, full)
+
+
+def test_missing_instance_count_is_a_one_line_error(ray_local, tmp_path) -> None:
+    config = _config(tmp_path)
+    config.instdisc.num_instances = None
+    with pytest.raises(ConfigError, match="num_instances") as err:
+        InstDiscMethod(config, steps_per_epoch=1, total_steps=1)
+    assert "\n" not in str(err.value)
