@@ -154,7 +154,23 @@ class TrainEngine:
         self.engine.backward(out["loss"])
         self.engine.step()
         self.engine.module.after_step(step)
+        self._refresh_persistent_frozen_params()
         return out
+
+    def _refresh_persistent_frozen_params(self) -> None:
+        """Re-gather ZeRO-3's persistent (small, never re-gathered) frozen params after the EMA.
+
+        ZeRO-3 keeps parameters below ``stage3_param_persistence_threshold`` whole on every rank
+        and refreshes them from the partitions inside ``engine.step()``, i.e. before
+        ``after_step`` writes the EMA into the teacher's partitions; without this the teacher's
+        norms and biases would lag one step behind.
+        """
+        if self.zero_stage != 3:
+            return
+        params = [p for p in self.engine.optimizer.persistent_parameters if not p.requires_grad]
+        if params:
+            params[0].partition(params)  # drop the stale whole copies (partitions are kept)
+            params[0].all_gather(params)
 
 
 def build_engine(method: nn.Module, config: Config, schedules: TrainSchedules) -> TrainEngine:
