@@ -98,3 +98,58 @@ def test_ema_updates_zero3_partitions(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     mp.spawn(_ema_zero3_worker, args=(port, str(tmp_path)), nprocs=WORLD)
     assert all((tmp_path / f"ema_ok_r{r}.pt").exists() for r in range(WORLD))
+
+
+def _franca_zero3_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu",
+    )
+    torch.set_num_threads(1)
+    import deepspeed
+    from test_franca_method import _batch, _config
+
+    from ray_ssl.methods.franca import FrancaMethod
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = _config()
+    ds_config = {"train_batch_size": WORLD, "zero_optimization": {"stage": 3}}
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):  # parameters born partitioned
+        method = FrancaMethod(config, steps_per_epoch=1, total_steps=10)
+    student_w = method.student["backbone"].patch_embed.proj.weight
+    teacher_w = method.teacher["backbone"].patch_embed.proj.weight
+    with deepspeed.zero.GatheredParameters([student_w, teacher_w]):
+        assert torch.equal(student_w, teacher_w)  # the teacher starts as a copy
+        start = teacher_w.detach().clone()
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=method, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=ds_config
+    )
+    losses = []
+    for step in range(2):  # step 0: last layer frozen; step 1: trained
+        out = engine(_batch(config, seed=10 * rank + step), step)
+        engine.backward(out["loss"])
+        engine.step()
+        engine.module.after_step(step)
+        losses.append(out["loss"].item())
+    with deepspeed.zero.GatheredParameters([teacher_w]):
+        moved = (teacher_w - start).abs().max().item()
+        final = teacher_w.detach().clone()
+    torch.save({"losses": losses, "moved": moved, "teacher": final}, f"{out_dir}/franca_r{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_franca_steps_under_zero3(tmp_path: Path) -> None:
+    """FrancaMethod built under zero.Init trains and EMA-updates its partitioned teacher."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_franca_zero3_worker, args=(port, str(tmp_path)), nprocs=WORLD)
+    results = [torch.load(tmp_path / f"franca_r{r}.pt") for r in range(WORLD)]
+    for result in results:
+        assert all(torch.isfinite(torch.tensor(result["losses"])))
+        assert 0 < result["moved"] < 1.0  # the EMA moved the teacher, a little
+    torch.testing.assert_close(results[0]["teacher"], results[1]["teacher"])  # one teacher

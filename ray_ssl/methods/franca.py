@@ -137,17 +137,7 @@ class FrancaMethod(Method):
         teacher_temp = self.teacher_temp(step)
         frozen = step < self.freeze_last_layer_steps
 
-        with torch.no_grad():
-            teacher = self.teacher["backbone"](global_crops)
-            dino_targets = [
-                sinkhorn_knopp(s, teacher_temp, f.sinkhorn_iterations)
-                for s in self.teacher["dino_head"](teacher.cls_token)
-            ]
-            ibot_targets = [
-                sinkhorn_knopp(s, teacher_temp, f.sinkhorn_iterations)
-                for s in self.teacher["ibot_head"](teacher.patch_tokens[masks])
-            ]
-
+        dino_targets, ibot_targets = self._teacher_targets(global_crops, masks, teacher_temp)
         student = self.student["backbone"](global_crops, masks)
         cls_tokens = student.cls_token
         if has_locals:
@@ -172,6 +162,7 @@ class FrancaMethod(Method):
         )
         # KoLeo within each global crop (crop-major chunks), never across two crops of one image.
         koleo = sum(koleo_loss(c) for c in student.cls_token.chunk(global_count))
+        # Each Matryoshka level adds one DINO and one iBOT term of weight 1 (summed above).
         loss = f.dino_weight * dino + f.ibot_weight * ibot + f.koleo_weight * koleo
         return {
             "loss": loss,
@@ -181,6 +172,24 @@ class FrancaMethod(Method):
             "teacher_temp": loss.new_tensor(teacher_temp),
             "momentum": loss.new_tensor(self.momentum(step)),
         }
+
+    @torch.no_grad()
+    def _teacher_targets(
+        self, global_crops: torch.Tensor, masks: torch.Tensor, teacher_temp: float
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sinkhorn-Knopp assignments per Matryoshka level: CLS of the unmasked global crops, and
+        the patches the student sees masked (same crop, same position: iBOT)."""
+        iterations = self.config.franca.sinkhorn_iterations
+        teacher = self.teacher["backbone"](global_crops)
+        dino = [
+            sinkhorn_knopp(s, teacher_temp, iterations)
+            for s in self.teacher["dino_head"](teacher.cls_token)
+        ]
+        ibot = [
+            sinkhorn_knopp(s, teacher_temp, iterations)
+            for s in self.teacher["ibot_head"](teacher.patch_tokens[masks])
+        ]
+        return dino, ibot
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

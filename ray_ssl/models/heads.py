@@ -2,16 +2,18 @@
 
 DINO head (Caron et al., arXiv 2104.14294 sec. 3.1; DINOv2 arXiv 2304.07193): an MLP with GELU
 down to a bottleneck, L2 normalisation, then a weight-normalised linear layer whose rows are the
-prototypes. Matryoshka heads (Franca, arXiv 2507.14137 sec. 3.1): level i reads the first d_i
-features of the backbone output, d_i in [D/16, D/8, D/4, D/2, D], with its own MLP and
-``prototypes * d_i / D`` prototypes.
+prototypes. Matryoshka heads (Franca, arXiv 2507.14137, nested Matryoshka clustering; its released
+MRLDINOHead): level i reads the first d_i features of the backbone output, d_i in
+[D/16, D/8, D/4, D/2, D], with its own MLP and ``prototypes * d_i / D`` prototypes.
 
-The weight norm is a plain ``nn.Linear`` whose rows are L2-normalised inside ``forward``
-(``weight_norm`` with the gain fixed at 1, DINO's ``norm_last_layer``), not
-``torch.nn.utils.weight_norm``: under DeepSpeed ZeRO-3 a parameter is only materialised inside its
-own module's forward, and the old hook recomputes ``weight`` from ``weight_g``/``weight_v`` as a
-plain tensor attribute that ZeRO-3 neither partitions nor gathers; the parametrization version
-hides the parameters in a side module. Normalising in ``forward`` keeps one ordinary parameter.
+Weight norm: :class:`Prototypes` holds one ordinary weight and L2-normalises its rows inside
+``forward`` (``weight_norm`` with the gain fixed at 1, DINO's ``norm_last_layer``; DINOv2 leaves
+the gain trainable from 1, but with unit-norm inputs a fixed gain bounds the logits by
+1/temperature). Not ``torch.nn.utils.weight_norm``: under DeepSpeed ZeRO-3 a parameter is only
+materialised around its own module's forward, while the old hook rebuilds ``weight`` from
+``weight_g``/``weight_v`` as a plain attribute that ZeRO-3 neither partitions nor gathers, and the
+parametrization version keeps the parameters in a side module whose gathering depends on hook
+order.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def nesting_dims(embed_dim: int, levels: int) -> list[int]:
 
 
 def prototype_counts(prototypes: int, dims: list[int]) -> list[int]:
-    """Prototypes per level, proportional to the level's width (Franca sec. 3.1)."""
+    """Prototypes per level, proportional to the level's width (Franca's MRLDINOHead)."""
     return [max(1, prototypes * d // dims[-1]) for d in dims]
 
 
