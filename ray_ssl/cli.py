@@ -21,7 +21,10 @@ EXIT_BAD_INPUT = 2
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "local") -> None:
     parser.add_argument("--preset", default=default_preset, help="preset name or YAML path")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=2"
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. train.epochs=2",
     )
 
 
@@ -56,6 +59,24 @@ def _cmd_curate(args: argparse.Namespace) -> None:
     run_curation(load_config(args.preset, args.overrides))
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from ray_ssl.tune.sweep import run_sweep, sweep_from_args
+
+    spec = sweep_from_args(
+        args.preset,
+        args.overrides,
+        args.param,
+        metric=args.metric,
+        mode=args.mode,
+        num_samples=args.samples,
+        max_concurrent=args.max_concurrent,
+        name=args.name,
+    )
+    results = run_sweep(spec)
+    best = results.get_best_result()
+    print(f"best {spec.metric}={best.metrics.get(spec.metric)} at {best.path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -64,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="write or inspect WebDataset shard sets")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
     write = shards_sub.add_parser("write", help="write a shard set and its manifest")
-    write.add_argument("--source", required=True, help="fashion-mnist | digits | folder:PATH | synthetic")
+    write.add_argument(
+        "--source", required=True, help="fashion-mnist | digits | folder:PATH | synthetic"
+    )
     write.add_argument("--split", default="train", help="train | test")
-    write.add_argument("--out", required=True, help="output URI: path, file:// or s3://bucket/prefix")
+    write.add_argument(
+        "--out", required=True, help="output URI: path, file:// or s3://bucket/prefix"
+    )
     write.add_argument("--samples-per-shard", type=int, default=None)
     _add_config_args(write)
     write.set_defaults(func=_cmd_shards_write)
@@ -82,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     curate = sub.add_parser("curate", help="hierarchical k-means curation of a shard set")
     _add_config_args(curate, default_preset="curate_local")
     curate.set_defaults(func=_cmd_curate)
+
+    tune = sub.add_parser("tune", help="Ray Tune sweep over whole training runs")
+    tune.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="key=kind:args",
+        help="search dimension, e.g. optim.base_lr=loguniform:1e-4:1e-2 or train.seed=grid:0,1",
+    )
+    tune.add_argument("--samples", type=int, default=1, help="samples per grid point")
+    tune.add_argument("--metric", default="knn_top1")
+    tune.add_argument("--mode", choices=("max", "min"), default="max")
+    tune.add_argument("--max-concurrent", type=int, default=1)
+    tune.add_argument("--name", default="sweep")
+    _add_config_args(tune)
+    tune.set_defaults(func=_cmd_tune)
     return parser
 
 

@@ -17,7 +17,7 @@ def test_autoscaler_yaml_passes_rays_schema() -> None:
     config = prepare_config(yaml.safe_load((CLUSTER / "aws-a100.yaml").read_text()))
     validate_config(config)
     gpu = config["available_node_types"]["gpu_a100"]["node_config"]
-    assert gpu["InstanceType"].in {"p4d.24xlarge", "p4de.24xlarge"}
+    assert gpu["InstanceType"] in {"p4d.24xlarge", "p4de.24xlarge"}
 
 
 def test_kuberay_job_runs_an_existing_job_on_our_ray_version() -> None:
