@@ -21,13 +21,13 @@ from ray_ssl.data.augment import (
     resized_crop_box,
     solarize,
 )
+from ray_ssl.data.normalize import normalize_crops
 from ray_ssl.data.views import (
     CorruptImageError,
     ViewBuilder,
     crop_counts,
     crop_recipes,
     decode_image,
-    normalize_crops,
 )
 
 SMALL = dict(global_size=28, local_size=16, patch_size=4, global_scale=(0.4, 1.0))

@@ -93,7 +93,9 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     """Resolve ``uri`` (local path, ``file://`` or ``s3://``) to a :class:`Location`."""
     storage = storage or StorageConfig()
     if not uri:
-        raise StorageError("empty storage URI; pass a local path, file:///path or s3://bucket/prefix")
+        raise StorageError(
+            "empty storage URI; pass a local path, file:///path or s3://bucket/prefix"
+        )
     if uri.startswith("s3://"):
         import s3fs
 

@@ -1,7 +1,8 @@
 """Per-sample view builders driven by ``ViewConfig``: multi-crop, two-view pair, single view.
 
 A sample's views leave the pipeline as uint8 HWC crops (4x smaller than float32); methods call
-:func:`normalize_crops` on the training device. Crop-specific probabilities follow DINO/Franca:
+:func:`ray_ssl.data.normalize.normalize_crops` on the training device. No torch here: Ray Data
+tasks that build views need not import it. Crop-specific probabilities follow DINO/Franca:
 Gaussian blur p=blur_p[0] on global crop 1 and blur_p[1] on the others, solarize only on global
 crop 2, local crops blur with local_blur_p and never solarize. ``pair`` is two global crops with
 no locals (BYOL/VICReg-style asymmetric blur/solarize), ``single`` one global crop.
@@ -13,17 +14,12 @@ import io
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ray_ssl.config import ViewConfig
 from ray_ssl.data.augment import CropRecipe, augment_crop
 from ray_ssl.data.masking import MaskGenerator
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet statistics
-IMAGENET_STD = (0.229, 0.224, 0.225)
-GRAY_MEAN = (sum(IMAGENET_MEAN) / 3,)  # one channel: the channel average of the ImageNet stats
-GRAY_STD = (sum(IMAGENET_STD) / 3,)
 SOLARIZED_GLOBAL_CROP = 1  # DINO: solarize only the second global crop
 
 
@@ -119,21 +115,3 @@ class ViewBuilder:
         if self.masks is not None:
             out["masks"] = np.zeros((n_global, self.masks.num_patches), bool)
         return out
-
-
-def normalize_crops(
-    crops_uint8: torch.Tensor,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> normalised float on the same device (ImageNet stats by channel count)."""
-    channels = crops_uint8.shape[1]
-    if mean is None or std is None:
-        mean, std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"normalize_crops: {channels} channels but {len(mean)} mean values")
-    shape = (1, channels, 1, 1)
-    scale = torch.tensor([255.0 * s for s in std], device=crops_uint8.device).view(shape)
-    shift = torch.tensor([255.0 * m for m in mean], device=crops_uint8.device).view(shape)
-    return ((crops_uint8.float() - shift) / scale).to(dtype)
