@@ -136,6 +136,15 @@ def _franca_zero3_worker(rank: int, port: int, out_dir: str) -> None:
     with deepspeed.zero.GatheredParameters([teacher_w]):
         moved = (teacher_w - start).abs().max().item()
         final = teacher_w.detach().clone()
+    # ZeRO-3 keeps small ("persistent") parameters whole; after the EMA those whole copies must
+    # equal the partitions, not lag a step behind them.
+    whole = [p for p in method.teacher.parameters() if p.data.numel() == p.ds_numel]
+    assert whole, "expected persistent teacher parameters (norms, biases)"
+    for param in whole:
+        parts = [torch.empty_like(param.ds_tensor) for _ in range(WORLD)]
+        dist.all_gather(parts, param.ds_tensor)
+        from_partitions = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+        torch.testing.assert_close(param.data, from_partitions)
     torch.save({"losses": losses, "moved": moved, "teacher": final}, f"{out_dir}/franca_r{rank}.pt")
     dist.destroy_process_group()
 

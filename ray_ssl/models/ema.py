@@ -7,7 +7,10 @@ Under DeepSpeed ZeRO-3 ``param.data`` is an empty placeholder outside a forward,
 holds only its flat partition of every parameter in ``param.ds_tensor``. Teacher and student have
 the same architecture, so each pair has the same numel and is partitioned the same way on every
 rank: updating the local partitions (``ds_tensor``) in place is the full EMA, with no
-communication. Without ZeRO-3 (no ``ds_tensor``) the full tensors are updated.
+communication. ZeRO-3 also keeps small parameters (below ``stage3_param_persistence_threshold``)
+whole on every rank, refreshed from the partitions only inside ``engine.step()``; where a whole
+copy is materialised on both sides it is updated too, so it never lags the partitions. Without
+ZeRO-3 (no ``ds_tensor``) the full tensors are updated.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ import torch
 from torch import nn
 
 
-def _local_tensor(param: nn.Parameter) -> torch.Tensor:
-    """This rank's storage of ``param``: its ZeRO-3 partition if partitioned, else its data."""
+def _local_tensors(param: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What this rank stores of ``param``: (its data, None), or under ZeRO-3 (its partition, the
+    whole copy if one is materialised: ZeRO-3 keeps small "persistent" parameters whole)."""
     partition = getattr(param, "ds_tensor", None)
-    return partition if partition is not None else param.data
+    if partition is None:
+        return param.data, None
+    whole = param.data if param.data.numel() == param.ds_numel > 0 else None
+    return partition, whole
 
 
 def _paired_tensors(
@@ -34,7 +41,7 @@ def _paired_tensors(
         )
     teacher_list, student_list = [], []
     for (t_name, t_param), (s_name, s_param) in zip(teacher_params, student_params, strict=True):
-        t_local, s_local = _local_tensor(t_param), _local_tensor(s_param)
+        (t_local, t_whole), (s_local, s_whole) = _local_tensors(t_param), _local_tensors(s_param)
         if t_name != s_name or t_local.shape != s_local.shape:
             raise ValueError(
                 f"EMA parameter mismatch: teacher {t_name} {tuple(t_local.shape)} vs student "
@@ -42,6 +49,9 @@ def _paired_tensors(
             )
         teacher_list.append(t_local)
         student_list.append(s_local)
+        if t_whole is not None and s_whole is not None:
+            teacher_list.append(t_whole)
+            student_list.append(s_whole)
     return teacher_list, student_list
 
 
