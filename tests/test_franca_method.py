@@ -153,3 +153,16 @@ def test_bad_batch_layout_is_an_error(method: FrancaMethod) -> None:
     batch["masks"] = batch["masks"][:BATCH]
     with pytest.raises(ValueError, match="crop-major"):
         method(batch, step=0)
+
+
+def test_vitg14_preset_builds_on_meta_device() -> None:
+    config = load_config("franca_vitg14")
+    with torch.device("meta"):
+        method = FrancaMethod(config, steps_per_epoch=1000, total_steps=100_000)
+    backbone = method.backbone()
+    assert (backbone.embed_dim, len(backbone.blocks)) == (1536, 40)
+    for head in ("dino_head", "ibot_head"):
+        heads = method.student[head]
+        assert heads.dims == [96, 192, 384, 768, 1536]
+        assert heads.prototype_counts == [8192, 16384, 32768, 65536, 131072]
+    assert method.view_spec.local_size == 98 and method.view_spec.mask == "cyclic"
