@@ -41,6 +41,8 @@ BANK_POINTER_FILE = "instdisc_bank.json"  # in a checkpoint: the bank snapshot i
 BANK_DIR = "memory_bank"  # under the run directory
 BANK_NAMESPACE = "ray-ssl"
 KNN_QUERY_CHUNK = 256  # queries per map-reduce top-k round in the bank kNN
+# The exact softmax reads the whole N x D bank every step: ~100 MB at D=128 fp32 is the limit.
+EXACT_SOFTMAX_MAX_INSTANCES = 200_000
 
 
 def bank_name(run_name: str) -> str:
@@ -73,19 +75,38 @@ def bank_spec(config: Config) -> BankSpec:
     )
 
 
+class TimmBackbone(nn.Module):
+    """A timm network with its classifier removed (pooled features), e.g. ResNet-50 as in the
+    paper, offering what the export path needs (``timm_name_and_kwargs``, ``timm_state_dict``)."""
+
+    def __init__(self, name: str, in_chans: int) -> None:
+        super().__init__()
+        import timm
+
+        self._name, self._kwargs = name, {"num_classes": 0, "in_chans": in_chans}
+        try:
+            self.net = timm.create_model(name, **self._kwargs)
+        except RuntimeError as err:  # timm's "Unknown model"
+            raise ConfigError(f"instdisc.backbone='{name}' is not 'vit' or a timm model") from err
+        self.num_features = int(self.net.num_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def timm_name_and_kwargs(self) -> tuple[str, dict]:
+        return self._name, dict(self._kwargs)
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.net.state_dict()
+
+
 def build_backbone(config: Config) -> tuple[nn.Module, int]:
-    """(backbone, feature width): the ViT of the model section, or a timm CNN by name."""
-    name = config.instdisc.backbone
-    if name == "vit":
+    """(backbone, feature width): the ViT of the model section, or a timm network by name."""
+    if config.instdisc.backbone == "vit":
         vit = build_vit(config.model)
         return vit, vit.embed_dim
-    import timm
-
-    try:
-        net = timm.create_model(name, num_classes=0, in_chans=config.views.channels)
-    except RuntimeError as err:  # timm's "Unknown model"
-        raise ConfigError(f"instdisc.backbone='{name}' is not 'vit' or a timm model") from err
-    return net, int(net.num_features)
+    net = TimmBackbone(config.instdisc.backbone, config.views.channels)
+    return net, net.num_features
 
 
 def project(encoder: nn.Module, projection: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -125,6 +146,11 @@ class InstDiscMethod(Method):
         self.config, self.inst = config, inst
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.spec = bank_spec(config)
+        if inst.exact_softmax and self.spec.size > EXACT_SOFTMAX_MAX_INSTANCES:
+            raise ConfigError(
+                f"instdisc.exact_softmax reads the whole bank every step; N={self.spec.size} is "
+                f"above {EXACT_SOFTMAX_MAX_INSTANCES}: use NCE (instdisc.exact_softmax=false)"
+            )
         self.num_instances = self.spec.size
         self.encoder, width = build_backbone(config)
         self.projection = nn.Linear(width, inst.feature_dim)  # 128-d embedding (paper sec. 3)
