@@ -38,6 +38,7 @@ MOMENTUM = 0.5  # the paper's bank momentum
 IMAGENET_N = 1_281_167
 CAPACITY_N = 10_000_000
 QUICK_N = 128_000
+INIT_CHUNK = 1 << 20  # rows per initialisation chunk of the in-process bank
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -60,7 +61,10 @@ def inprocess_step_ms(
     n: int, dim: int, k: int, batch: int, steps: int, dtype: torch.dtype
 ) -> float:
     """Sample + gather + update on one in-process tensor, per step (median)."""
-    bank = F.normalize(torch.rand(n, dim) * 2 - 1, dim=1).to(dtype)
+    bank = torch.empty(n, dim, dtype=dtype)
+    for start in range(0, n, INIT_CHUNK):  # chunked: no float32 copy of a 10M-row bank
+        chunk = torch.rand(min(INIT_CHUNK, n - start), dim) * 2 - 1
+        bank[start : start + chunk.shape[0]] = F.normalize(chunk, dim=1).to(dtype)
     gen = torch.Generator().manual_seed(0)
     times = []
     for rows_np, feats_np in _batches(n, batch, dim, steps, seed=1):

@@ -136,3 +136,40 @@ def test_missing_instance_count_is_a_one_line_error(ray_local, tmp_path) -> None
     with pytest.raises(ConfigError, match="num_instances") as err:
         InstDiscMethod(config, steps_per_epoch=1, total_steps=1)
     assert "\n" not in str(err.value)
+
+
+def test_vit_backbone_trains_through_the_same_path(ray_local, tmp_path) -> None:
+    method = InstDiscMethod(
+        _config(tmp_path, "instdisc.backbone=vit", "model.depth=1"),
+        steps_per_epoch=2,
+        total_steps=2,
+    )
+    try:
+        outs = _train_steps(method, range(2))
+        assert all(torch.isfinite(out["loss"]) for out in outs)
+        assert method.backbone().timm_name_and_kwargs()[0].startswith("vit_tiny")
+    finally:
+        method.bank.shutdown()
+
+
+def _job_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "instdisc.py"
+    spec = importlib.util.spec_from_file_location("instdisc_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_pins_the_bank_size_to_the_shard_set(tmp_path) -> None:
+    job = _job_module()
+    data = ["shards.source=digits", f"data.uri={tmp_path}/train", f"data.eval_uri={tmp_path}/test"]
+    config = job.prepare_config("local", [*data, "instdisc.num_instances=null"])
+    count = config.instdisc.num_instances
+    assert count is not None and count > 1000  # filled from the digits train manifest
+    assert config.train.storage_path.startswith("/")
+    with pytest.raises(ConfigError, match=f"holds {count} samples") as err:
+        job.prepare_config("local", [*data, f"instdisc.num_instances={count + 1}"])
+    assert "\n" not in str(err.value)
