@@ -20,11 +20,11 @@ from ray_ssl.data.errors import CorruptDataError
 from ray_ssl.data.shards import iter_shard, read_manifest, write_shard_set
 from ray_ssl.data.storage import resolve
 from ray_ssl.data.stream import (
-    WorkerBatchIterator,
     build_train_dataset,
     iter_worker_batches,
     load_labelled_arrays,
     read_samples,
+    to_batch_contract,
 )
 from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
 from ray_ssl.data.views import crop_counts
@@ -130,8 +130,7 @@ def test_batch_contract_is_crop_major():
             batch["masks"][s, v, v] = True
         for v in range(n_local):
             batch["local_crops"][s, v, :, :, 1] = 10 * s + v
-    it = WorkerBatchIterator(None, b, views, CPU, 0.0)  # layout only; no stream needed
-    out = it._to_device(batch)
+    out = to_batch_contract(batch, CPU)
     assert out["global_crops"].shape == (g * b, 3, 8, 8)
     assert out["local_crops"].shape == (n_local * b, 3, 4, 4)
     assert out["masks"].shape == (g * b, 4) and out["masks"].dtype == torch.bool
@@ -143,6 +142,11 @@ def test_batch_contract_is_crop_major():
             assert (out["local_crops"][v * b + s, 1] == 10 * s + v).all()
             assert (out["local_crops"][v * b + s, 0] == 0).all()  # channel axis moved, not mixed
     assert out["idx"].dtype == torch.int64 and out["label"].tolist() == [0, 1, 0, 1, 0]
+    single = to_batch_contract(
+        {k: v[:, :1] if k != "idx" and k != "label" else v for k, v in batch.items()}, CPU
+    )
+    single["global_crops"] += 1  # never a view of the (read-only) host batch
+    assert batch["global_crops"][0, 0, 0, 0, 0] == 0
 
 
 def _shard_sequence(idx: list[int], per_shard: int) -> list[int]:
@@ -337,3 +341,10 @@ def _rewrite_probe(uri: str) -> bytes:
     return next(
         s.image for s in iter_shard(loc.join("shard-000000.tar")) if s.int_field("idx") == 2
     )
+
+
+def test_iterator_rejects_a_dataset_built_for_other_views(ray_local, digits_test):
+    dataset = build_train_dataset(DataConfig(uri=digits_test), VIEWS, STORAGE)
+    pair = ViewConfig(kind="pair", channels=1, global_size=16, patch_size=4)
+    with pytest.raises(ValueError, match="view spec asks for 2 / 0"):
+        next(iter_worker_batches(dataset.iterator(), 8, pair, CPU, 0.0))

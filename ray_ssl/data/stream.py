@@ -152,12 +152,28 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
                 "`ray-ssl shards inspect URI` or raise the limit"
             )
 
+    def _check_views(self, batch: dict[str, np.ndarray]) -> None:
+        """The dataset must have been built for the same view spec as this iterator."""
+        n_global, n_local = crop_counts(self.views)
+        got = (
+            batch["global_crops"].shape[1],
+            batch["local_crops"].shape[1] if "local_crops" in batch else 0,
+        )
+        if got != (n_global, n_local) or ("masks" in batch) != (self.views.mask != "none"):
+            raise ValueError(
+                f"dataset rows have {got[0]} global / {got[1]} local crops (masks: "
+                f"{'masks' in batch}) but the view spec asks for {n_global} / {n_local} "
+                f"(mask: {self.views.mask}); build the dataset with the method's view spec"
+            )
+
     def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
         pending: list[dict[str, np.ndarray]] = []
         pending_rows = 0
         for batch in self.shard.iter_batches(
             batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch_batches
         ):
+            if self.stats.seen == 0:
+                self._check_views(batch)
             corrupt = batch.pop("corrupt")
             bad = int(corrupt.sum())
             self.stats.seen += len(corrupt)
@@ -169,38 +185,47 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
             pending_rows += len(corrupt) - bad
             while pending_rows >= self.batch_size:
                 merged = _concat(pending)
-                yield self._to_device(_take(merged, 0, self.batch_size))
+                yield to_batch_contract(_take(merged, 0, self.batch_size), self.device)
                 pending_rows -= self.batch_size
                 pending = (
                     [_take(merged, self.batch_size, len(merged["idx"]))] if pending_rows else []
                 )
         self._check_corrupt_rate(final=True)
         if pending_rows and not self.drop_last:
-            yield self._to_device(_concat(pending))
+            yield to_batch_contract(_concat(pending), self.device)
 
-    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """numpy [B,G,H,W,C] -> device tensors in the crop-major [G*B,C,H,W] layout."""
-        pin = self.device.type == "cuda"
-        out: dict[str, torch.Tensor] = {}
-        with warnings.catch_warnings():  # Arrow-backed arrays are read-only; we copy below
-            warnings.simplefilter("ignore", UserWarning)
-            for name in CROP_COLUMNS:
-                if name not in batch:
-                    continue
-                host = torch.from_numpy(batch[name])
-                moved = (host.pin_memory() if pin else host).to(self.device, non_blocking=True)
-                n, views = moved.shape[:2]
-                if name == "masks":
-                    out[name] = moved.transpose(0, 1).reshape(views * n, -1).clone()
-                else:  # [B,V,H,W,C] -> [V,B,C,H,W] -> [V*B,C,H,W]: one copy, crop-major
-                    out[name] = moved.permute(1, 0, 4, 2, 3).reshape(
-                        views * n, *moved.shape[4:], *moved.shape[2:4]
-                    )
-        for name in ("idx", "label"):
-            out[name] = torch.tensor(batch[name], dtype=torch.int64).to(
-                self.device, non_blocking=True
-            )
-        return out
+
+def _owned(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied if it still aliases ``source`` (read-only Arrow memory)."""
+    shares = tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+    return tensor.clone() if shares else tensor
+
+
+def to_batch_contract(
+    batch: dict[str, np.ndarray], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per-sample numpy columns ([B,V,H,W,C] crops, [B,V,Np] masks) -> the batch contract on
+    ``device``: crop-major [V*B,C,H,W] uint8 crops (row v*B+b is view v of sample b), [V*B,Np]
+    masks, int64 idx and label. The layout change happens on the device, in one copy."""
+    pin = device.type == "cuda"
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():  # Arrow-backed arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        for name in CROP_COLUMNS:
+            if name not in batch:
+                continue
+            host = torch.from_numpy(batch[name])
+            moved = (host.pin_memory() if pin else host).to(device, non_blocking=True)
+            n, views = moved.shape[:2]
+            if name == "masks":
+                layout = moved.transpose(0, 1).reshape(views * n, -1)
+            else:  # [B,V,H,W,C] -> [V,B,C,H,W] -> [V*B,C,H,W]
+                channels, size = moved.shape[4:], moved.shape[2:4]
+                layout = moved.permute(1, 0, 4, 2, 3).reshape(views * n, *channels, *size)
+            out[name] = _owned(layout.contiguous(), host)
+    for name in ("idx", "label"):
+        out[name] = torch.tensor(batch[name], dtype=torch.int64).to(device, non_blocking=True)
+    return out
 
 
 def iter_worker_batches(
@@ -210,9 +235,12 @@ def iter_worker_batches(
     device: torch.device,
     max_corrupt_fraction: float,
     drop_last: bool = True,
+    prefetch_batches: int = 2,
 ) -> WorkerBatchIterator:
     """The batch contract for one Train worker; ``.stats`` counts seen and corrupt samples."""
-    return WorkerBatchIterator(shard, batch_size, views, device, max_corrupt_fraction, drop_last)
+    return WorkerBatchIterator(
+        shard, batch_size, views, device, max_corrupt_fraction, drop_last, prefetch_batches
+    )
 
 
 def read_samples(uri: str, storage: StorageConfig) -> ray.data.Dataset:

@@ -1,0 +1,232 @@
+"""Images/s of our Ray Data pipeline against webdataset + torch DataLoader, side by side.
+
+Both pipelines read the SAME shards (natural JPEG crops cut from scikit-learn's two sample
+photos), do the SAME decode and views (``ray_ssl.data.views``: Franca multi-crop 2x224 + 8x98 with
+CyclicMask) with the same number of CPU workers, and deliver the same batch contract (crop-major
+uint8 tensors).
+Also printed: images/s per core of the views alone with our PIL implementation and with an
+equivalent torchvision.transforms.v2 pipeline on uint8 tensors, and raw read throughput of
+``ray.data.read_webdataset`` against our block datasource.
+
+Last line: ``ray_data_vs_dataloader=<ours / DataLoader, steady-state images/s>``.
+Usage: ``python benchmarks/data_throughput.py [--quick] [--workers 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ray_ssl.config import DataConfig, ShardsConfig, StorageConfig, ViewConfig
+from ray_ssl.data.decode import build_views_batch
+from ray_ssl.data.shards import Manifest, write_shard_set
+from ray_ssl.data.views import ViewBuilder, decode_image
+
+CROP_SIDES = (256, 480)  # random JPEG sizes cut from the sample photos (clipped to the photo)
+JPEG_QUALITY = 90
+FRANCA_VIEWS = ViewConfig(kind="multicrop", mask="cyclic")  # 2 x 224 + 8 x 98, patch 14
+BATCH = 32
+WARMUP_BATCHES = 2  # steady state starts after these (worker start-up, first shard)
+
+
+def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> None:
+    """``count`` random crops of the two scikit-learn sample photos, one class per photo."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    rng = np.random.default_rng(seed)
+    for name in photos.filenames:
+        (root / Path(name).stem).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        which = i % len(photos.images)
+        photo = photos.images[which]
+        h = int(rng.integers(CROP_SIDES[0], min(CROP_SIDES[1], photo.shape[0]) + 1))
+        w = int(rng.integers(CROP_SIDES[0], min(CROP_SIDES[1], photo.shape[1]) + 1))
+        top = int(rng.integers(0, photo.shape[0] - h + 1))
+        left = int(rng.integers(0, photo.shape[1] - w + 1))
+        target = root / Path(photos.filenames[which]).stem / f"{i:06d}.jpg"
+        Image.fromarray(photo[top : top + h, left : left + w]).save(target, quality=JPEG_QUALITY)
+
+
+def timed(batches: Iterable[dict], batch_size: int) -> tuple[float, float, int]:
+    """(images/s over everything, images/s after the warm-up batches, images seen)."""
+    start = time.perf_counter()
+    images, steady_start, steady_images = 0, None, 0
+    for number, batch in enumerate(batches):
+        n = int(batch["idx"].shape[0])
+        images += n
+        if number == WARMUP_BATCHES - 1:
+            steady_start = time.perf_counter()
+        elif number >= WARMUP_BATCHES:
+            steady_images += n
+    end = time.perf_counter()
+    steady = steady_images / (end - steady_start) if steady_start and steady_images else 0.0
+    return images / (end - start), steady, images
+
+
+def ray_pipeline(uri: str, views: ViewConfig, reader: str) -> Iterable[dict]:
+    from ray_ssl.data.stream import build_train_dataset, iter_worker_batches
+
+    data = DataConfig(uri=uri, reader=reader, batch_size=BATCH)
+    dataset = build_train_dataset(data, views, StorageConfig())
+    return iter_worker_batches(dataset.iterator(), BATCH, views, torch.device("cpu"), 0.0)
+
+
+class _DecodeViews:
+    """webdataset sample -> the same decode and views as ours (same per-sample seeding)."""
+
+    def __init__(self, views: ViewConfig):
+        self.views = views
+
+    def __call__(self, sample: dict) -> dict:
+        raw = {
+            "key": np.array([sample["__key__"]], dtype=object),
+            "idx": np.array([int(sample["idx"])]),
+            "label": np.array([int(sample["cls"])]),
+            "image": np.array([sample.get("jpg", sample.get("png"))], dtype=object),
+            "corrupt": np.zeros(1, bool),
+            "seed": np.zeros(1, np.int64),
+        }
+        return {k: v[0] for k, v in build_views_batch(raw, self.views).items()}
+
+
+def _collate(samples: list[dict]) -> dict:
+    from ray_ssl.data.stream import to_batch_contract
+
+    batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+    batch.pop("corrupt")
+    return to_batch_contract(batch, torch.device("cpu"))
+
+
+def dataloader_pipeline(uri: str, manifest: Manifest, views: ViewConfig, workers: int):
+    import webdataset as wds
+
+    urls = [f"{uri}/{s.name}" for s in manifest.shards]
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).map(_DecodeViews(views))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=BATCH, num_workers=workers, collate_fn=_collate, drop_last=True
+    )
+
+
+def views_per_core(jpegs: list[bytes], builder: Callable[[bytes, np.random.Generator], object]):
+    rng = np.random.default_rng(0)
+    builder(jpegs[0], rng)
+    start = time.perf_counter()
+    for data in jpegs:
+        builder(data, rng)
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def torchvision_views(views: ViewConfig) -> Callable[[bytes, np.random.Generator], object]:
+    """The same recipe with torchvision.transforms.v2 on uint8 tensors (decode: torchvision.io)."""
+    import torchvision.transforms.v2 as T
+    from torchvision.io import decode_jpeg
+
+    bicubic = T.InterpolationMode.BICUBIC
+
+    def crop(size, scale, blur_p, solarize_p):
+        ops = [
+            T.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
+            T.RandomHorizontalFlip(views.flip_p),
+            T.RandomApply([T.ColorJitter(*views.jitter_strength)], p=views.jitter_p),
+            T.RandomGrayscale(views.grayscale_p),
+            T.RandomApply([T.GaussianBlur(9, (0.1, 2.0))], p=blur_p),
+            T.RandomSolarize(128, p=solarize_p),
+        ]
+        return T.Compose(ops)
+
+    globals_ = [
+        crop(views.global_size, views.global_scale, views.blur_p[0], 0.0),
+        crop(views.global_size, views.global_scale, views.blur_p[1], views.solarize_p),
+    ]
+    local = crop(views.local_size, views.local_scale, views.local_blur_p, 0.0)
+
+    def build(data: bytes, rng: np.random.Generator) -> list:
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return [t(image) for t in globals_] + [local(image) for _ in range(views.local_crops)]
+
+    return build
+
+
+def read_only(uri: str, manifest: Manifest, reader: str) -> float:
+    """Raw samples/s of a reader (no decode)."""
+    import ray
+
+    from ray_ssl.data.datasource import ShardSetDatasource
+
+    if reader == "blocks":
+        dataset = ray.data.read_datasource(ShardSetDatasource(uri, manifest, StorageConfig()))
+    else:
+        paths = [f"{uri}/{s.name}" for s in manifest.shards]
+        dataset = ray.data.read_webdataset(paths, decoder=None)
+    start = time.perf_counter()
+    rows = sum(len(b["idx"]) for b in dataset.iter_batches(batch_size=256, batch_format="numpy"))
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run, under a minute")
+    parser.add_argument("--workers", type=int, default=2, help="CPU workers for both pipelines")
+    parser.add_argument("--images", type=int, default=None)
+    args = parser.parse_args()
+    count = args.images or (160 if args.quick else 960)
+    per_shard = 16 if args.quick else 64
+    torch.set_num_threads(1)
+
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="ray-ssl-bench-") as tmp:
+        folder, uri = Path(tmp) / "jpegs", f"{tmp}/shards"
+        make_jpeg_folder(folder / "train", count)
+        shards = ShardsConfig(source=f"folder:{folder}", image_format="jpg",
+                              samples_per_shard=per_shard)  # fmt: skip
+        manifest = write_shard_set(shards, uri, StorageConfig())
+        files = sorted((folder / "train").glob("*/*.jpg"))[: 48 if args.quick else 128]
+        jpegs = [p.read_bytes() for p in files]
+        v = FRANCA_VIEWS
+        print(f"{manifest.count} JPEGs of {CROP_SIDES[0]}-{CROP_SIDES[1]} px in "
+              f"{len(manifest.shards)} shards; views {v.global_crops}x{v.global_size} + "
+              f"{v.local_crops}x{v.local_size}, mask {v.mask}")  # fmt: skip
+
+        ours = ViewBuilder(FRANCA_VIEWS)
+        pil = views_per_core(jpegs, lambda d, rng: ours(decode_image(d, 3), rng))
+        tv2 = views_per_core(jpegs, torchvision_views(FRANCA_VIEWS))
+        print(f"views per core: PIL (ours) {pil:.1f} img/s, torchvision.v2 uint8 {tv2:.1f} img/s, "
+              f"PIL/tv2 = {pil / tv2:.2f}")  # fmt: skip
+
+        loader = dataloader_pipeline(uri, manifest, FRANCA_VIEWS, args.workers)
+        dl_total, dl_steady, dl_n = timed(loader, BATCH)
+        print(f"webdataset + DataLoader ({args.workers} workers): {dl_steady:.1f} img/s steady, "
+              f"{dl_total:.1f} img/s with start-up ({dl_n} images)")  # fmt: skip
+
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        try:
+            results = {}
+            for reader in ("blocks",) if args.quick else ("blocks", "ray_webdataset"):
+                total, steady, n = timed(ray_pipeline(uri, FRANCA_VIEWS, reader), BATCH)
+                results[reader] = steady
+                print(f"Ray Data, reader={reader} ({args.workers} CPUs): {steady:.1f} img/s "
+                      f"steady, {total:.1f} img/s with start-up ({n} images)")  # fmt: skip
+            blocks, webdataset = read_only(uri, manifest, "blocks"), read_only(uri, manifest, "wds")
+            print(f"raw read: blocks {blocks:.0f} samples/s, read_webdataset {webdataset:.0f} "
+                  f"samples/s, blocks/read_webdataset = {blocks / webdataset:.2f}")  # fmt: skip
+        finally:
+            ray.shutdown()
+        print(f"per core: Ray Data {results['blocks'] / args.workers:.1f} img/s/core, DataLoader "
+              f"{dl_steady / args.workers:.1f} img/s/core")  # fmt: skip
+    print(f"ray_data_vs_dataloader={results['blocks'] / dl_steady:.3f}")
+
+
+if __name__ == "__main__":
+    main()
