@@ -85,9 +85,10 @@ class MetricWindow:
 
 
 def _configure_logging() -> None:
+    """INFO logs of ray_ssl in the worker: through Ray's root handler if it has one."""
     logger = logging.getLogger("ray_ssl")
     logger.setLevel(logging.INFO)
-    if not logger.handlers:
+    if not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
@@ -219,7 +220,7 @@ class WorkerRun:
 
 
 def _format(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    return " ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
