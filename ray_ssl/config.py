@@ -199,10 +199,10 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_max_train: int = 10000  # labelled samples used as the kNN memory
     knn_max_test: int = 2000
+    feature_batch_size: int = 256  # images per backbone forward when extracting features
 
 
 @dataclass
-    feature_batch_size: int = 256  # images per backbone forward when extracting features
 class CurationConfig:
     """Hierarchical k-means curation (arXiv 2405.15613)."""
 
