@@ -166,3 +166,18 @@ def test_vitg14_preset_builds_on_meta_device() -> None:
         assert heads.dims == [96, 192, 384, 768, 1536]
         assert heads.prototype_counts == [8192, 16384, 32768, 65536, 131072]
     assert method.view_spec.local_size == 98 and method.view_spec.mask == "cyclic"
+
+
+def test_ema_math_and_low_precision_warning() -> None:
+    from ray_ssl.models.ema import ema_update_
+
+    torch.manual_seed(3)
+    teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(
+        teacher.parameters(), student.parameters(), strict=True
+    )]
+    ema_update_(teacher, student, 0.9)
+    for got, want in zip(teacher.parameters(), expected, strict=True):
+        torch.testing.assert_close(got.detach(), want)
+    with pytest.warns(RuntimeWarning, match="below the torch.bfloat16 resolution"):
+        ema_update_(teacher.bfloat16(), student.bfloat16(), 0.994)

@@ -15,6 +15,8 @@ ZeRO-3 (no ``ds_tensor``) the full tensors are updated.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -61,6 +63,15 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     teacher_list, student_list = _paired_tensors(teacher, student)
     if not teacher_list:
         return
+    dtype = teacher_list[0].dtype
+    if dtype.is_floating_point and 0.0 < 1.0 - momentum < torch.finfo(dtype).eps:
+        warnings.warn(
+            f"EMA step 1-m={1.0 - momentum:.2g} is below the {dtype} resolution "
+            f"({torch.finfo(dtype).eps:.2g}): the teacher barely moves; keep it in float32 "
+            "(e.g. DeepSpeed torch_autocast rather than bf16 parameters)",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of the no_grad-decorated function
+        )
     torch._foreach_mul_(teacher_list, momentum)
     torch._foreach_add_(teacher_list, student_list, alpha=1.0 - momentum)
 
