@@ -47,6 +47,10 @@ class FrancaMethod(Method):
 
     Batch: ``global_crops`` uint8 [G*B, C, Hg, Wg], ``local_crops`` uint8 [L*B, C, Hl, Wl] and
     ``masks`` bool [G*B, Np], all crop-major (row g*B + b is crop g of sample b).
+
+    The heads' prototype layers are frozen for the first ``freeze_last_layer_epochs`` by using
+    ``weight.detach()`` in their forward: no gradient reaches them, so there is nothing to cancel
+    inside the DeepSpeed engine (any ZeRO stage).
     """
 
     def __init__(self, config: Config, steps_per_epoch: int, total_steps: int) -> None:
