@@ -206,9 +206,17 @@ class EvalConfig:
 class CurationConfig:
     """Hierarchical k-means curation (arXiv 2405.15613)."""
 
+    # The shard set curated is data.uri (written from the shards section when missing).
     embeddings_uri: str = "data/curation/embeddings"
     output_uri: str = "data/curation/curated"
     backbone: str = "pixels"  # "pixels", a timm name, or a path to an exported safetensors file
+    pixels_size: int = 16  # "pixels": images area-downsampled to this side, then flattened
+    timm_pretrained: bool = True  # a timm name: load its pretrained weights (needs the hub)
+    embed_batch_size: int = 256
+    embed_concurrency: int = 2  # CPU embedding actors; with GPUs, one actor per GPU
+    embed_num_gpus: float | None = None  # GPUs for embedding; None = what the cluster has
+    # One entry per level (level 1 first). n_resampling_steps counts the steps after the first
+    # k-means (the reference's n_resampling_steps counts that first run too).
     n_clusters: tuple[int, ...] = (100, 20)
     n_resampling_steps: tuple[int, ...] = (2, 2)
     sample_size: tuple[int, ...] = (10, 5)
@@ -217,7 +225,9 @@ class CurationConfig:
     target_size: int = 10000
     leaf_selection: Literal["random", "closest"] = "random"
     write_shards: bool = False
-    num_partitions: int = 4
+    num_partitions: int = 4  # object-store blocks of the points (one Ray task each per pass)
+    driver_max_points: int = 50000  # smaller point sets are clustered in the driver process
+    flat_baseline: bool = True  # report flat k-means with each level's k for comparison
     seed: int = 0
 
 

@@ -1,0 +1,7 @@
+"""The curation pipeline's input error: one line saying what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class CurationError(ValueError):
+    """Bad curation input: too many clusters for the points, no embeddings, mismatched dims..."""

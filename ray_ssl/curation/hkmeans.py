@@ -1,0 +1,400 @@
+"""Hierarchical k-means with resampling (Vo et al., arXiv 2405.15613).
+
+Level 1 clusters the points; level l clusters the centroids of level l-1. Each level runs k-means
+(k-means++ seeding with 2 + ln k greedy local trials, then Lloyd iterations) followed by R
+resampling steps: take ``sample_size`` points of every cluster (closest to the centroid or at
+random), run k-means on them alone, and reassign all points to the new centroids - which moves
+centroids from dense regions towards a uniform cover of the data's support. The order of steps
+follows the reference implementation, facebookresearch/ssl-data-curation
+(``src/hierarchical_kmeans_gpu.py``, ``src/distributed_kmeans_gpu.py``).
+
+Everything here is written against :class:`~ray_ssl.curation.blocks.PointSet`: with a
+RayExecutor the points stay in the object store as blocks, assignment runs as one task per block,
+per-cluster float64 sums and counts are reduced by a tree of tasks, and every k-means++ step is
+two waves of tasks (draw the candidates where they live; every block returns the candidates'
+potentials). The random draws all happen in this process, in the same order whatever the number of
+blocks, so a distributed run reproduces a single-process run with the same seed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from ray_ssl.curation.blocks import Handle, LocalExecutor, PointSet
+from ray_ssl.curation.errors import CurationError
+from ray_ssl.curation.kmeans import (
+    assign_nearest,
+    candidate_potentials,
+    cluster_sums,
+    locate,
+    n_local_trials,
+    pick_weighted,
+    smallest_per_group,
+    squared_distances,
+    uniform_keys,
+    update_centroids,
+)
+
+log = logging.getLogger(__name__)
+
+SEED_BOUND = 2**63  # seeds of the counter-based random keys are drawn below this
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One level of the hierarchy."""
+
+    n_clusters: int
+    n_resampling_steps: int = 0
+    sample_size: int = 1
+
+
+@dataclass
+class Assignment:
+    """Nearest-centroid assignment of a PointSet: per-block handles plus global summaries."""
+
+    labels: list[Handle]  # int64 per block
+    sqdist: list[Handle]  # float32 squared distance to the assigned centroid, per block
+    counts: np.ndarray  # points per cluster
+    inertia: float  # sum of squared distances
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # float32 [k, d]
+    assignment: Assignment
+    iterations: int  # Lloyd updates run (the last k-means of the level)
+
+
+def _check_k(k: int, n: int, what: str = "points") -> None:
+    if k < 1:
+        raise CurationError(f"k-means needs at least 1 cluster, got {k}")
+    if k > n:
+        raise CurationError(
+            f"k-means asked for {k} clusters of only {n} {what}; use at most {n} clusters "
+            "(curation.n_clusters) or more data"
+        )
+
+
+# ---- kernels run per block (module-level so that Ray pickles them by reference) ----
+
+
+def _assign_block(
+    x: np.ndarray, previous: np.ndarray | None, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    labels, sqdist = assign_nearest(x, centroids)
+    sums, counts = cluster_sums(x, labels, len(centroids))
+    changed = len(labels) if previous is None else int(np.count_nonzero(labels != previous))
+    return labels, sqdist, sums, counts, np.array([sqdist.sum(dtype=np.float64), changed])
+
+
+def _kpp_start(x: np.ndarray, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    closest = squared_distances(x, center)  # [1, n]
+    return closest, closest.sum(axis=1)
+
+
+def _kpp_try(
+    x: np.ndarray, stack: np.ndarray, row: int, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return candidate_potentials(x, stack[row], candidates)
+
+
+def _kpp_pick(
+    x: np.ndarray, stack: np.ndarray, row: int, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return pick_weighted(x, stack[row], values)
+
+
+def _take_rows(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32)[ids]
+
+
+def _resample_block(
+    labels: np.ndarray, sqdist: np.ndarray, offset: int, quota: int, strategy: str, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This block's candidates for the per-cluster sample: its own ``quota`` best per cluster."""
+    ids = offset + np.arange(len(labels), dtype=np.int64)
+    keys = sqdist.astype(np.float64) if strategy == "closest" else uniform_keys(seed, ids)
+    keep = smallest_per_group(labels, keys, ids, quota)
+    return labels[keep], keys[keep], ids[keep]
+
+
+# ---- drivers ----
+
+
+def _split_by_block(points: PointSet, global_ids: np.ndarray) -> list[np.ndarray]:
+    """Sorted global row ids -> local ids per block."""
+    bounds = np.r_[points.offsets, points.n]
+    cuts = np.searchsorted(global_ids, bounds)
+    return [global_ids[cuts[i] : cuts[i + 1]] - bounds[i] for i in range(len(points.blocks))]
+
+
+def rows_at(points: PointSet, global_ids: np.ndarray) -> np.ndarray:
+    """The rows with the given global indices, in the given order."""
+    order = np.argsort(global_ids, kind="stable")
+    local = _split_by_block(points, global_ids[order])
+    hit = [i for i, ids in enumerate(local) if len(ids)]
+    ex = points.executor
+    parts = ex.get(ex.map(_take_rows, [(points.blocks[i], local[i]) for i in hit]))
+    rows = np.empty((len(global_ids), points.dim), np.float32)
+    rows[order] = np.concatenate(parts)
+    return rows
+
+
+def assign(
+    points: PointSet, centroids: np.ndarray, previous: Assignment | None = None
+) -> tuple[Assignment, np.ndarray, int]:
+    """Assign every point to its nearest centroid; also returns the float64 per-cluster sums
+    (for the next Lloyd update) and how many labels changed since ``previous``."""
+    ex = points.executor
+    prev = previous.labels if previous is not None else [None] * len(points.blocks)
+    outs = points.map(_assign_block, prev, shared=(centroids,), num_returns=5)
+    sums = ex.sum([o[2] for o in outs])
+    counts = ex.sum([o[3] for o in outs])
+    stats = np.sum(ex.get([o[4] for o in outs]), axis=0)
+    assignment = Assignment([o[0] for o in outs], [o[1] for o in outs], counts, float(stats[0]))
+    return assignment, sums, int(stats[1])
+
+
+def kmeans_plusplus(points: PointSet, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (scikit-learn's ``_kmeans_plusplus``), distributed over blocks.
+
+    Each step draws 2 + ln k candidates with probability D(x)^2 / sum D^2 - the block from the
+    per-block totals, the row inside it by a task on that block - then every block returns the
+    potential each candidate would leave on it, and the candidate with the smallest total wins.
+    """
+    _check_k(k, points.n)
+    ex = points.executor
+    trials = n_local_trials(k)
+    centers = np.empty((k, points.dim), np.float32)
+    centers[0] = rows_at(points, np.array([rng.integers(points.n)]))[0]
+    outs = points.map(_kpp_start, shared=(centers[:1],), num_returns=2)
+    stacks = [o[0] for o in outs]  # per block: candidate-distance stack of the last step
+    row = 0  # the stack row of the chosen candidate
+    totals = np.array([p[0] for p in ex.get([o[1] for o in outs])])  # potential per block
+    for c in tqdm(range(1, k), desc="k-means++", unit="centre", disable=None, leave=False):
+        values = rng.random(trials) * totals.sum()
+        cumulative = np.cumsum(totals)
+        block_of = locate(cumulative, values)
+        residual = values - np.r_[0.0, cumulative[:-1]][block_of]
+        hit = np.unique(block_of)
+        picks = ex.get(
+            ex.map(
+                _kpp_pick,
+                [(points.blocks[b], stacks[b], row, residual[block_of == b]) for b in hit],
+            )
+        )
+        candidates = np.empty((trials, points.dim), np.float32)
+        for b, (_, rows) in zip(hit, picks, strict=True):
+            candidates[block_of == b] = rows
+        outs = points.map(
+            _kpp_try, stacks, [row] * len(stacks), shared=(candidates,), num_returns=2
+        )
+        potentials = np.stack(ex.get([o[1] for o in outs]))  # [blocks, trials]
+        best = int(np.argmin(potentials.sum(axis=0)))
+        centers[c] = candidates[best]
+        stacks, row, totals = [o[0] for o in outs], best, potentials[:, best]
+    return centers
+
+
+def lloyd(points: PointSet, centroids: np.ndarray, iterations: int) -> KMeansResult:
+    """Lloyd iterations from ``centroids``; stops early once no label changes (a fixed point)."""
+    assignment, sums, _ = assign(points, centroids)
+    done = 0
+    for _ in range(iterations):
+        centroids = update_centroids(sums, assignment.counts, centroids)
+        assignment, sums, changed = assign(points, centroids, assignment)
+        done += 1
+        if changed == 0:
+            break
+    return KMeansResult(centroids, assignment, done)
+
+
+def kmeans(points: PointSet, k: int, rng: np.random.Generator, iterations: int) -> KMeansResult:
+    """k-means++ seeding then Lloyd."""
+    return lloyd(points, kmeans_plusplus(points, k, rng), iterations)
+
+
+def resample(
+    points: PointSet,
+    assignment: Assignment,
+    sample_size: int,
+    strategy: str,
+    rng: np.random.Generator,
+) -> PointSet:
+    """``sample_size`` points of every cluster - the closest to its centroid or a uniform random
+    subset - as a new PointSet whose blocks stay where the points are."""
+    ex = points.executor
+    seed = int(rng.integers(SEED_BOUND)) if strategy == "random" else 0
+    args = list(zip(assignment.labels, assignment.sqdist, points.offsets, strict=True))
+    parts = ex.get(ex.map(_resample_block, args, shared=(sample_size, strategy, seed)))
+    labels, keys, ids = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    chosen = np.sort(ids[smallest_per_group(labels, keys, ids, sample_size)])
+    return points.subset(_split_by_block(points, chosen))
+
+
+def in_driver_if_small(points: PointSet, driver_max_points: int) -> PointSet:
+    """A point set of at most ``driver_max_points`` rows moves to this process: below that size
+    Ray's per-task overhead costs more than the work."""
+    if points.executor.distributed and points.n <= driver_max_points:
+        return PointSet.from_array(points.gather(), LocalExecutor())
+    return points
+
+
+def kmeans_with_resampling(
+    points: PointSet,
+    spec: LevelSpec,
+    rng: np.random.Generator,
+    iterations: int,
+    strategy: str = "closest",
+    driver_max_points: int = 0,
+) -> KMeansResult:
+    """k-means, then ``spec.n_resampling_steps`` times: k-means on ``spec.sample_size`` points per
+    cluster and reassignment of all points to its centroids (Vo et al., arXiv 2405.15613)."""
+    result = kmeans(points, spec.n_clusters, rng, iterations)
+    for step in range(spec.n_resampling_steps):
+        sample = resample(points, result.assignment, spec.sample_size, strategy, rng)
+        if sample.n < spec.n_clusters:
+            log.warning(
+                "resampling step %d: %d points sampled for %d clusters (empty clusters); "
+                "keeping the previous centroids",
+                step + 1,
+                sample.n,
+                spec.n_clusters,
+            )
+            break
+        sub = kmeans(
+            in_driver_if_small(sample, driver_max_points), spec.n_clusters, rng, iterations
+        )
+        assignment, _, changed = assign(points, sub.centroids, result.assignment)
+        log.debug("resampling step %d: %d points changed cluster", step + 1, changed)
+        result = KMeansResult(sub.centroids, assignment, sub.iterations)
+    return result
+
+
+@dataclass
+class Level:
+    """One level: its centroids and the assignment of the level's points to them."""
+
+    centroids: np.ndarray  # float32 [k_l, d]
+    labels: np.ndarray  # int64: cluster of every point of the level (data points, or the
+    # previous level's centroids)
+    sqdist: np.ndarray  # float32 squared distance of every point of the level to its centroid
+    inertia: float
+
+
+@dataclass
+class Hierarchy:
+    """The cluster tree: level 1 clusters data points, level l clusters level l-1's clusters."""
+
+    levels: list[Level] = field(default_factory=list)
+
+    @property
+    def n_points(self) -> int:
+        return len(self.levels[0].labels)
+
+    def n_clusters(self, level: int) -> int:
+        return len(self.levels[level - 1].centroids)
+
+    def parents(self, level: int) -> np.ndarray:
+        """The level-``level`` cluster of every level-(``level``-1) cluster (level >= 2)."""
+        return self.levels[level - 1].labels
+
+    def point_labels(self, level: int) -> np.ndarray:
+        """The level-``level`` cluster (1-based level) of every data point."""
+        labels = self.levels[0].labels
+        for parent in self.levels[1:level]:
+            labels = parent.labels[labels]
+        return labels
+
+    def sizes(self, level: int) -> np.ndarray:
+        """Data points under every cluster of ``level``."""
+        return np.bincount(self.point_labels(level), minlength=self.n_clusters(level))
+
+    def to_bytes(self) -> bytes:
+        arrays = {}
+        for i, lvl in enumerate(self.levels, 1):
+            arrays[f"centroids{i}"], arrays[f"labels{i}"] = lvl.centroids, lvl.labels
+            arrays[f"sqdist{i}"], arrays[f"inertia{i}"] = lvl.sqdist, np.array(lvl.inertia)
+        buffer = io.BytesIO()
+        np.savez(buffer, n_levels=np.array(len(self.levels)), **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Hierarchy:
+        data = np.load(io.BytesIO(raw))
+        return cls(
+            [
+                Level(
+                    data[f"centroids{i}"],
+                    data[f"labels{i}"],
+                    data[f"sqdist{i}"],
+                    float(data[f"inertia{i}"]),
+                )
+                for i in range(1, int(data["n_levels"]) + 1)
+            ]
+        )
+
+
+def check_levels(specs: list[LevelSpec], n_points: int) -> None:
+    """One-line errors for a hierarchy that cannot be built on ``n_points`` points."""
+    if not specs:
+        raise CurationError("curation.n_clusters is empty; give at least one level")
+    available, what = n_points, "embeddings"
+    for level, spec in enumerate(specs, 1):
+        if spec.n_clusters > available:
+            raise CurationError(
+                f"level {level} asks for {spec.n_clusters} clusters of only {available} {what}; "
+                f"each curation.n_clusters entry must be at most the previous one (and level 1 at "
+                f"most the number of embeddings)"
+            )
+        if spec.n_clusters < 1 or spec.sample_size < 1 or spec.n_resampling_steps < 0:
+            raise CurationError(
+                f"level {level}: n_clusters and sample_size must be >= 1 and n_resampling_steps "
+                f">= 0, got {spec}"
+            )
+        available, what = spec.n_clusters, f"level-{level} centroids"
+
+
+def hierarchical_kmeans(
+    points: PointSet,
+    specs: list[LevelSpec],
+    rng: np.random.Generator,
+    iterations: int,
+    strategy: str = "closest",
+    n_blocks: int = 1,
+    driver_max_points: int = 0,
+) -> Hierarchy:
+    """Build the hierarchy bottom-up; level l >= 2 clusters level l-1's centroids, split into
+    ``n_blocks`` blocks on the same executor as ``points``."""
+    check_levels(specs, points.n)
+    executor = points.executor
+    hierarchy = Hierarchy()
+    current = points
+    for level, spec in enumerate(specs, 1):
+        current = in_driver_if_small(current, driver_max_points)
+        log.info(
+            "level %d: %d clusters of %d points (%s), %d resampling steps of %d per cluster",
+            level,
+            spec.n_clusters,
+            current.n,
+            "Ray tasks" if current.executor.distributed else "in the driver",
+            spec.n_resampling_steps,
+            spec.sample_size,
+        )
+        result = kmeans_with_resampling(current, spec, rng, iterations, strategy, driver_max_points)
+        hierarchy.levels.append(
+            Level(
+                result.centroids,
+                current.concat(result.assignment.labels).astype(np.int64),
+                current.concat(result.assignment.sqdist).astype(np.float32),
+                result.assignment.inertia,
+            )
+        )
+        current = PointSet.from_array(result.centroids, executor, n_blocks)
+    return hierarchy

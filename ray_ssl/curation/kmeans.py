@@ -1,0 +1,178 @@
+"""Pure k-means kernels on one block of points (float32 rows), shared by every driver.
+
+Each function takes one block and returns per-point arrays of that block or small per-cluster /
+per-candidate summaries, so a driver can run it on one in-memory array or on many object-store
+blocks in parallel (:mod:`ray_ssl.curation.blocks`) and combine the results. Sums are float64, as
+the reference implementation (facebookresearch/ssl-data-curation, ``high_precision: float64``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DISTANCE_BLOCK_BYTES = 64 << 20  # one rows x k float32 block of scores per GEMM
+MAX_DISTANCE_ROWS = 4096  # more rows per GEMM gain nothing (measured in benchmarks/kmeans.py)
+SUM_CHUNK_ROWS = 65536  # rows sorted and summed at a time by cluster_sums
+# Below this many multiply-adds numpy's BLAS call beats torch (MKL), whose OpenMP pool costs up to
+# milliseconds per call on a busy machine; above it MKL's GEMM is faster (benchmarks/kmeans.py).
+TORCH_MIN_GEMM_FLOPS = 1 << 24
+# splitmix64 constants (Steele et al., "Fast splittable pseudorandom number generators", 2014)
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_DOUBLE_BITS = 53
+
+
+def as_points(x: np.ndarray) -> np.ndarray:
+    """``x`` as a C-contiguous float32 [n, d] array (no copy when it already is one)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    """||x_i||^2 of every row as float64 (summed in x's dtype, as scikit-learn's row_norms)."""
+    return np.einsum("ij,ij->i", x, x).astype(np.float64)
+
+
+def _rows_per_gemm(k: int) -> int:
+    return int(max(1, min(MAX_DISTANCE_ROWS, DISTANCE_BLOCK_BYTES // (4 * max(k, 1)))))
+
+
+def assign_nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each row's nearest centroid (int64) and the squared distance to it (float32).
+
+    argmin_j ||x - c_j||^2 = argmin_j (||c_j||^2 - 2 x.c_j), computed as one BLAS GEMM of [x, 1]
+    with [-2c, ||c||^2]^T per block of rows, so the score matrix is written once and scanned once.
+    """
+    x = as_points(x)
+    n, dim = x.shape
+    k = centroids.shape[0]
+    labels = np.empty(n, np.int64)
+    best_scores = np.empty(n, np.float32)
+    if n == 0:
+        return labels, best_scores
+    c = as_points(centroids)
+    weights = np.ascontiguousarray(np.concatenate([-2.0 * c, (c * c).sum(1, keepdims=True)], 1).T)
+    rows = min(_rows_per_gemm(k), n)
+    augmented = np.ones((rows, dim + 1), np.float32)
+    scores = np.empty((rows, k), np.float32)
+    big = n * k * dim >= TORCH_MIN_GEMM_FLOPS
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
+        augmented[:m, :dim] = x[start : start + m]
+        block = scores[:m]
+        if big:
+            torch.mm(
+                torch.from_numpy(augmented[:m]),
+                torch.from_numpy(weights),
+                out=torch.from_numpy(block),
+            )
+        else:
+            np.matmul(augmented[:m], weights, out=block)
+        best = block.argmin(axis=1)  # numpy's row argmin is vectorised; torch's is slower on CPU
+        labels[start : start + m] = best
+        best_scores[start : start + m] = block[np.arange(m), best]
+    sqdist = best_scores.astype(np.float64) + squared_norms(x)
+    return labels, np.maximum(sqdist, 0.0).astype(np.float32)
+
+
+def _matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T in float32: MKL through torch for large products, numpy's BLAS for small ones."""
+    if a.shape[0] * b.shape[0] * a.shape[1] >= TORCH_MIN_GEMM_FLOPS:
+        return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
+    return a @ b.T
+
+
+def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances [len(y), len(x)], float64 (float32 GEMM, float64 combine)."""
+    x, y = as_points(x), as_points(y)
+    dist = _matmul_t(y, x).astype(np.float64)
+    dist *= -2.0
+    dist += squared_norms(y)[:, None]
+    dist += squared_norms(x)[None, :]
+    return np.maximum(dist, 0.0, out=dist)
+
+
+def candidate_potentials(
+    x: np.ndarray, closest: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means++ local trials on one block: for each candidate centre, every point's new
+    squared distance to its closest centre [t, n] and the block's potential (their sum) [t]."""
+    dist = squared_distances(x, candidates)
+    np.minimum(dist, closest[None, :], out=dist)
+    return dist, dist.sum(axis=1)
+
+
+def n_local_trials(k: int) -> int:
+    """Candidates per k-means++ step: 2 + ln k (Arthur & Vassilvitskii 2007; scikit-learn)."""
+    return 2 + int(np.log(k))
+
+
+def locate(cumulative: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index i of the first ``cumulative[i] >= value`` (D^2 sampling), clipped to the last."""
+    return np.minimum(np.searchsorted(cumulative, values), len(cumulative) - 1)
+
+
+def pick_weighted(
+    x: np.ndarray, closest: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn with probability proportional to ``closest``: ``values`` are positions in
+    [0, closest.sum()); returns their local indices and the rows."""
+    ids = locate(np.cumsum(closest), values)
+    return ids, as_points(x)[ids]
+
+
+def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster float64 sums of the rows [k, d] and int64 counts [k] (rows sorted by label,
+    then one float64 ``reduceat`` per chunk of rows)."""
+    x = as_points(x)
+    sums = np.zeros((k, x.shape[1]), np.float64)
+    for start in range(0, len(x), SUM_CHUNK_ROWS):
+        chunk = labels[start : start + SUM_CHUNK_ROWS]
+        order = np.argsort(chunk, kind="stable")
+        ordered = chunk[order]
+        firsts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        rows = x[start : start + SUM_CHUNK_ROWS][order]
+        sums[ordered[firsts]] += np.add.reduceat(rows, firsts, axis=0, dtype=np.float64)
+    return sums, np.bincount(labels, minlength=k).astype(np.int64)
+
+
+def update_centroids(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Lloyd's update: cluster means; an empty cluster keeps its previous centroid (as the
+    reference implementation does)."""
+    means = previous.astype(np.float64, copy=True)
+    filled = counts > 0
+    means[filled] = sums[filled] / counts[filled, None]
+    return means.astype(np.float32)
+
+
+def uniform_keys(seed: int, ids: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per id from splitmix64(seed, id): counter-based, so a point gets
+    the same key whichever block holds it."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) * _GOLDEN_GAMMA + (ids.astype(np.uint64) + np.uint64(1)) * _GOLDEN_GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(64 - _DOUBLE_BITS)).astype(np.float64) / float(2**_DOUBLE_BITS)
+
+
+def rank_in_group(groups: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rank of every row within its group when ordered by (key, id); 0 = smallest."""
+    order = np.lexsort((ids, keys, groups))
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    lengths = np.diff(np.r_[starts, len(order)])
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.arange(len(order)) - np.repeat(starts, lengths)
+    return ranks
+
+
+def smallest_per_group(
+    groups: np.ndarray, keys: np.ndarray, ids: np.ndarray, quota: int | np.ndarray
+) -> np.ndarray:
+    """Mask of the rows among the ``quota`` (per group when an array) smallest (key, id) of
+    their group: closest-to-centroid or uniformly random picks per cluster."""
+    if len(groups) == 0:
+        return np.zeros(0, bool)
+    limit = quota[groups] if isinstance(quota, np.ndarray) else quota
+    return rank_in_group(groups, keys, ids) < limit
