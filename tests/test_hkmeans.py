@@ -1,0 +1,107 @@
+"""Hierarchical k-means: distributed (Ray tasks over object-store blocks) equals single-process,
+the tree is consistent, resampling takes the right points, bad sizes are one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from ray_ssl.curation.blocks import LocalExecutor, PointSet, RayExecutor
+from ray_ssl.curation.errors import CurationError
+from ray_ssl.curation.hkmeans import (
+    LevelSpec,
+    check_levels,
+    hierarchical_kmeans,
+    kmeans,
+    resample,
+    rows_at,
+)
+
+SPECS = [LevelSpec(40, 2, 8), LevelSpec(10, 2, 2), LevelSpec(3, 1, 2)]
+
+
+def blobs(n: int = 1200, seed: int = 0) -> np.ndarray:
+    x, _ = make_blobs(n, n_features=8, centers=25, cluster_std=1.5, random_state=seed)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("strategy", ["closest", "random"])
+def test_distributed_equals_single_process(ray_local: None, strategy: str) -> None:
+    x = blobs()
+    single = hierarchical_kmeans(
+        PointSet.from_array(x, LocalExecutor(), 1), SPECS, np.random.default_rng(7), 15, strategy
+    )
+    distributed = hierarchical_kmeans(
+        PointSet.from_array(x, RayExecutor(), 4),
+        SPECS,
+        np.random.default_rng(7),
+        15,
+        strategy,
+        n_blocks=3,
+        driver_max_points=0,  # every level and every resampled subset as Ray tasks
+    )
+    for a, b in zip(single.levels, distributed.levels, strict=True):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.sqdist, b.sqdist, rtol=1e-4, atol=1e-4)
+        assert a.inertia == pytest.approx(b.inertia, rel=1e-6)
+
+
+def test_tree_is_consistent_and_parents_are_nearest_centroids() -> None:
+    x = blobs(seed=1)
+    h = hierarchical_kmeans(
+        PointSet.from_array(x, LocalExecutor(), 2), SPECS, np.random.default_rng(0), 15
+    )
+    assert [h.n_clusters(level) for level in (1, 2, 3)] == [40, 10, 3]
+    for level in (2, 3):
+        below, here = h.levels[level - 2], h.levels[level - 1]
+        # every point's level-l cluster is the parent of its level-(l-1) cluster
+        np.testing.assert_array_equal(
+            h.point_labels(level), h.parents(level)[h.point_labels(level - 1)]
+        )
+        dist = ((below.centroids[:, None, :] - here.centroids[None]) ** 2).sum(-1)
+        chosen = dist[np.arange(len(dist)), here.labels]
+        assert np.all(chosen <= dist.min(1) + 1e-4)
+        assert h.sizes(level).sum() == len(x)
+    dist1 = ((x[:, None, :] - h.levels[0].centroids[None]) ** 2).sum(-1)
+    assert np.all(dist1[np.arange(len(x)), h.levels[0].labels] <= dist1.min(1) + 1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["closest", "random"])
+def test_resample_takes_sample_size_points_per_cluster(strategy: str) -> None:
+    x = blobs(600, seed=2)
+    points = PointSet.from_array(x, LocalExecutor(), 3)
+    result = kmeans(points, 12, np.random.default_rng(0), 10)
+    sample = resample(points, result.assignment, 5, strategy, np.random.default_rng(1))
+    labels = np.concatenate(result.assignment.labels)
+    sqdist = np.concatenate(result.assignment.sqdist)
+    rows = sample.gather()
+    picked = np.flatnonzero((x[:, None, :] == rows[None]).all(-1).any(1))
+    assert len(picked) == sample.n == sum(min(5, c) for c in result.assignment.counts)
+    for cluster in range(12):
+        members = np.flatnonzero(labels == cluster)
+        chosen = np.intersect1d(members, picked)
+        assert len(chosen) == min(5, len(members))
+        if strategy == "closest":
+            expected = members[np.argsort(sqdist[members], kind="stable")][:5]
+            np.testing.assert_array_equal(np.sort(chosen), np.sort(expected))
+
+
+def test_rows_at_returns_rows_in_the_asked_order() -> None:
+    x = blobs(100)
+    ids = np.array([99, 0, 42, 57, 3])
+    np.testing.assert_array_equal(rows_at(PointSet.from_array(x, LocalExecutor(), 4), ids), x[ids])
+
+
+def test_too_many_clusters_is_a_one_line_error() -> None:
+    points = PointSet.from_array(blobs(50), LocalExecutor(), 2)
+    with pytest.raises(CurationError, match="51 clusters of only 50") as err:
+        kmeans(points, 51, np.random.default_rng(0), 5)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CurationError, match="level 2 asks for 30 clusters of only 20"):
+        check_levels([LevelSpec(20), LevelSpec(30)], 50)
+    with pytest.raises(CurationError, match="level 1 asks for 5 clusters of only 0"):
+        check_levels([LevelSpec(5)], 0)
+    with pytest.raises(CurationError, match="sample_size"):
+        check_levels([LevelSpec(5, 1, 0)], 50)
