@@ -197,8 +197,9 @@ class EvalConfig:
     knn_every: int = 100  # steps; 0 disables online kNN
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_train_uri: str | None = None  # labelled kNN memory shards; None = data.uri
     knn_max_train: int = 10000  # labelled samples used as the kNN memory
-    knn_max_test: int = 2000
+    knn_max_test: int = 2000  # held-out queries from data.eval_uri
     feature_batch_size: int = 256  # images per backbone forward when extracting features
 
 

@@ -31,6 +31,7 @@ IN_DIM, HIDDEN, OUT_DIM = 12, 16, 8
 GLOBAL_BATCH, STEPS, STEPS_PER_EPOCH = 8, 8, 3
 LOSS_RTOL = 1e-5  # float32 with a different reduction order across 1 and 2 workers
 EMA_ATOL = 1e-6
+BF16_RTOL = 3e-2  # bf16 matmuls (8-bit mantissa) against float32
 RESULTS_FILE = "results.json"
 
 
@@ -113,12 +114,15 @@ def _gather(module: nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone().double() for name, p in params.items()}
 
 
-def train_toy(zero_stage: int, rank: int, world_size: int) -> dict[str, Any]:
+def train_toy(
+    zero_stage: int, rank: int, world_size: int, precision: str = "fp32"
+) -> dict[str, Any]:
     """Train the toy method on this rank's share of each global batch; gather-check the EMA."""
     from ray_ssl.train.engine import build_engine
     from ray_ssl.train.schedules import TrainSchedules
 
     config = toy_config(zero_stage, world_size)
+    config.train.precision = precision
     torch.manual_seed(0)
     schedules = TrainSchedules.from_config(config, STEPS_PER_EPOCH)
     engine = build_engine(ToyMethod(), config, schedules)
@@ -143,7 +147,10 @@ def train_toy(zero_stage: int, rank: int, world_size: int) -> dict[str, Any]:
             student, m = _gather(method.student), momentum_at(step)
             for name, value in student.items():
                 reference_teacher[name] = m * reference_teacher[name] + (1 - m) * value
-    result: dict[str, Any] = {"losses": losses, "lr_ok": lr_ok}
+    teacher_dtypes = sorted(
+        {str(getattr(p, "ds_tensor", p).dtype) for p in method.teacher.parameters()}
+    )
+    result: dict[str, Any] = {"losses": losses, "lr_ok": lr_ok, "teacher_dtypes": teacher_dtypes}
     if reference_teacher is not None:
         teacher = _gather(method.teacher)
         result["ema_max_err"] = max(
@@ -169,7 +176,9 @@ def _two_worker_loop(_: dict[str, Any]) -> None:
 
 
 def _one_worker(queue: Any) -> None:
-    queue.put(train_toy(0, 0, 1))
+    fp32 = train_toy(0, 0, 1)
+    bf16 = train_toy(2, 0, 1, precision="bf16")
+    queue.put({**fp32, "bf16": bf16})
 
 
 def test_param_groups_follow_dinov2_rules() -> None:
@@ -219,6 +228,9 @@ def test_two_workers_zero2_zero3_match_one_worker(ray_local: None, tmp_path: Any
     distributed = json.loads(Path(result.checkpoint.path, RESULTS_FILE).read_text())
 
     assert single["lr_ok"]
+    # bf16 runs under torch.autocast: same trajectory to bf16 precision, teacher kept float32.
+    assert single["bf16"]["teacher_dtypes"] == ["torch.float32"]
+    assert single["bf16"]["losses"] == pytest.approx(single["losses"], rel=BF16_RTOL)
     expected = single["losses"]
     assert expected[-1] < expected[0]  # it trains
     for stage in ("zero2", "zero3"):

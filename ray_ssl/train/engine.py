@@ -93,7 +93,9 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.optim.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 through torch.autocast: parameters (the EMA teacher's too) stay float32, so
+        # EMA steps of 1-m < 2^-8 are not rounded away as they would be in bf16 parameters.
+        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": NEVER_PRINT,

@@ -1,10 +1,10 @@
 """Online weighted kNN of the teacher backbone's CLS features during training.
 
 The kNN memory is a labelled subset of the train split (``eval.knn_max_train`` samples of
-``data.uri``), the queries a labelled held-out split (``eval.knn_max_test`` of
-``data.eval_uri``). Every rank extracts the features of an equal share of the images (under
-ZeRO-3 each backbone forward is a collective, so all ranks take part); rank 0 gathers them,
-classifies (k=20, T=0.07, Wu et al. 2018 sec. 3.5) and broadcasts the accuracy.
+``eval.knn_train_uri``, by default ``data.uri``), the queries a labelled held-out split
+(``eval.knn_max_test`` of ``data.eval_uri``). Every rank extracts the features of an equal share
+of the images (under ZeRO-3 each backbone forward is a collective, so all ranks take part); rank 0
+gathers them, classifies (k=20, T=0.07, Wu et al. 2018 sec. 3.5) and broadcasts the accuracy.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from ray_ssl.models.vit import normalize_images
 log = logging.getLogger(__name__)
 
 
+def knn_memory_uri(config: Config) -> str:
+    """The labelled shards whose features form the kNN memory."""
+    return config.eval.knn_train_uri or config.data.uri
+
+
 class KnnEvaluator:
     """Holds the labelled images of both splits; :meth:`accuracy` scores a backbone."""
 
@@ -32,13 +37,14 @@ class KnnEvaluator:
             raise ValueError("online kNN needs data.eval_uri")
         e, size = config.eval, config.views.global_size
         self.train_images, self.train_labels, _ = load_labelled_arrays(
-            config.data.uri, config.storage, limit=e.knn_max_train, size=size
+            knn_memory_uri(config), config.storage, limit=e.knn_max_train, size=size
         )
         self.test_images, self.test_labels, _ = load_labelled_arrays(
             config.data.eval_uri, config.storage, limit=e.knn_max_test, size=size
         )
         self.k, self.temperature, self.batch_size = e.knn_k, e.knn_temperature, e.feature_batch_size
         self.num_classes = num_classes
+        self.autocast = config.train.precision == "bf16"  # as the engine's forward
         self.rank, self.world_size = rank, world_size
         log.info(
             "online kNN: %d labelled train images as memory, %d test images",
@@ -60,8 +66,9 @@ class KnnEvaluator:
 
     def accuracy(self, backbone: nn.Module, device: torch.device) -> float:
         """Top-1 weighted-kNN accuracy in [0, 1]; every rank must call it."""
-        train = self._features(backbone, self.train_images, device)
-        test = self._features(backbone, self.test_images, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            train = self._features(backbone, self.train_images, device)
+            test = self._features(backbone, self.test_images, device)
         result = torch.zeros(1, device=device)
         if self.rank == 0:
             result[0] = weighted_knn_accuracy(
@@ -82,7 +89,7 @@ def pixel_knn_accuracy(config: Config, num_classes: int) -> float:
     """The raw-pixel baseline on the same subsets: flattened uint8 images as features."""
     e, size = config.eval, config.views.global_size
     train, train_labels, _ = load_labelled_arrays(
-        config.data.uri, config.storage, limit=e.knn_max_train, size=size
+        knn_memory_uri(config), config.storage, limit=e.knn_max_train, size=size
     )
     test, test_labels, _ = load_labelled_arrays(
         config.data.eval_uri, config.storage, limit=e.knn_max_test, size=size

@@ -117,8 +117,9 @@ def plan_run(config: Config) -> tuple[LoopPlan, Manifest]:
     _check_images(config, manifest)
     num_classes = len(manifest.classes)
     if config.data.eval_uri is not None:
-        eval_manifest = read_manifest(config.data.eval_uri, config.storage)
-        num_classes = max(num_classes, len(eval_manifest.classes))
+        for uri in (config.data.eval_uri, config.eval.knn_train_uri):
+            if uri is not None:
+                num_classes = max(num_classes, len(read_manifest(uri, config.storage).classes))
         if num_classes < 2:
             raise ConfigError(
                 f"online kNN needs labelled shards but {config.data.uri} / {config.data.eval_uri} "
@@ -237,7 +238,10 @@ def with_absolute_paths(config: Config) -> Config:
         config.data, uri=_absolute(config.data.uri), eval_uri=_absolute(config.data.eval_uri)
     )
     train = dataclasses.replace(config.train, storage_path=_absolute(config.train.storage_path))
-    return dataclasses.replace(config, data=data, train=train)
+    evaluation = dataclasses.replace(
+        config.eval, knn_train_uri=_absolute(config.eval.knn_train_uri)
+    )
+    return dataclasses.replace(config, data=data, train=train, eval=evaluation)
 
 
 def run_training(config: Config) -> TrainingOutcome:
