@@ -215,7 +215,7 @@ class CurationConfig:
     timm_pretrained: bool = True  # a timm name: load its pretrained weights (needs the hub)
     embed_batch_size: int = 256
     embed_concurrency: int = 2  # CPU embedding actors; with GPUs, one actor per GPU
-    embed_num_gpus: float | None = None  # GPUs for embedding; None = what the cluster has
+    embed_num_gpus: int | None = None  # GPU actors (one GPU each); None = the cluster's GPUs
     # One entry per level (level 1 first). n_resampling_steps counts the steps after the first
     # k-means (the reference's n_resampling_steps counts that first run too).
     n_clusters: tuple[int, ...] = (100, 20)

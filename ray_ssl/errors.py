@@ -7,6 +7,7 @@ what is wrong and how to fix it; this tuple is the list of them.
 from __future__ import annotations
 
 from ray_ssl.config import ConfigError
+from ray_ssl.curation.errors import CurationError
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.storage import StorageError
 from ray_ssl.memory_bank.shard import MemoryBankError
@@ -19,4 +20,5 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CorruptDataError,
     MemoryBankError,
     CheckpointError,
+    CurationError,
 )

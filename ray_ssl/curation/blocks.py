@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from ray_ssl.curation.kmeans import as_points
-
 Handle = Any  # a value (LocalExecutor) or a ray.ObjectRef to it (RayExecutor)
 REDUCE_FAN_IN = 8  # partial sums combined per reduction task
 
@@ -29,8 +27,9 @@ def _sum_arrays(*parts: np.ndarray) -> np.ndarray:
     return total
 
 
-def _concat(*parts: np.ndarray) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0)
+def as_points(x: np.ndarray) -> np.ndarray:
+    """``x`` as a C-contiguous float32 [n, d] array (no copy when it already is one)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _take(block: np.ndarray, ids: np.ndarray) -> np.ndarray:

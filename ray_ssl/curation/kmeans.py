@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ray_ssl.curation.blocks import as_points
+
 DISTANCE_BLOCK_BYTES = 64 << 20  # one rows x k float32 block of scores per GEMM
 MAX_DISTANCE_ROWS = 4096  # more rows per GEMM gain nothing (measured in benchmarks/kmeans.py)
 SUM_CHUNK_ROWS = 65536  # rows sorted and summed at a time by cluster_sums
@@ -21,11 +23,6 @@ TORCH_MIN_GEMM_FLOPS = 1 << 24
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _DOUBLE_BITS = 53
-
-
-def as_points(x: np.ndarray) -> np.ndarray:
-    """``x`` as a C-contiguous float32 [n, d] array (no copy when it already is one)."""
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:

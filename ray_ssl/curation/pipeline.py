@@ -1,0 +1,185 @@
+"""``ray-ssl curate``: embed a shard set, build the k-means hierarchy, sample it, report.
+
+Outputs under ``curation.output_uri`` (each written atomically):
+``curated.parquet`` (key, idx, label and the cluster of every level of each chosen sample),
+``curated.json`` (summary and resolved config), ``hierarchy.npz`` (centroids and assignments of
+every level), ``report.json`` and ``report.png`` (balance per level vs flat k-means), and with
+``curation.write_shards`` a shard set of the chosen samples under ``<output_uri>/shards``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_ssl.config import Config, CurationConfig, StorageConfig, to_dict
+from ray_ssl.curation.blocks import PointSet, RayExecutor
+from ray_ssl.curation.embed import embed_shard_set
+from ray_ssl.curation.errors import CurationError
+from ray_ssl.curation.hkmeans import (
+    Hierarchy,
+    LevelSpec,
+    check_levels,
+    hierarchical_kmeans,
+    kmeans,
+)
+from ray_ssl.curation.report import CurationReport
+from ray_ssl.curation.sampling import Selection, hierarchical_sample
+from ray_ssl.curation.table import EmbeddingTable, load_embeddings
+from ray_ssl.data.errors import ShardError
+from ray_ssl.data.shards import Manifest, ensure_shard_set, read_manifest
+from ray_ssl.data.storage import read_bytes, resolve, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+CURATED_TABLE, CURATED_SUMMARY = "curated.parquet", "curated.json"
+HIERARCHY_FILE, REPORT_JSON, REPORT_PNG = "hierarchy.npz", "report.json", "report.png"
+CURATED_SHARDS_DIR = "shards"
+FLAT_SEED_OFFSET = 1  # the flat baseline draws from its own stream: seed + this
+
+
+def level_specs(cfg: CurationConfig) -> list[LevelSpec]:
+    return [
+        LevelSpec(k, r, s)
+        for k, r, s in zip(cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, strict=True)
+    ]
+
+
+def _source_manifest(config: Config) -> Manifest:
+    """The shard set to curate; a missing one is written from the shards section first."""
+    try:
+        return read_manifest(config.data.uri, config.storage)
+    except ShardError:
+        log.info("no shard set at %s; writing it from %s", config.data.uri, config.shards.source)
+        return ensure_shard_set(config.shards, config.data.uri, config.storage)
+
+
+def flat_baseline_sizes(
+    points: PointSet, specs: list[LevelSpec], cfg: CurationConfig
+) -> dict[int, np.ndarray]:
+    """Cluster sizes of flat k-means on the points with each level's k (no resampling)."""
+    rng = np.random.default_rng(cfg.seed + FLAT_SEED_OFFSET)
+    return {
+        level: kmeans(points, spec.n_clusters, rng, cfg.lloyd_iterations).assignment.counts
+        for level, spec in enumerate(specs, 1)
+    }
+
+
+def curated_table(table: EmbeddingTable, hierarchy: Hierarchy, selection: Selection) -> pa.Table:
+    chosen = selection.points
+    columns = {
+        "key": pa.array(table.keys[chosen].tolist(), pa.string()),
+        "idx": pa.array(table.idx[chosen]),
+        "label": pa.array(table.labels[chosen].astype(np.int64)),
+    }
+    for level in range(1, len(hierarchy.levels) + 1):
+        columns[f"cluster_level{level}"] = pa.array(hierarchy.point_labels(level)[chosen])
+    return pa.table(columns)
+
+
+def _write_parquet(uri: str, table: pa.Table, storage: StorageConfig) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(resolve(uri, storage), buffer.getvalue())
+
+
+def _write_json(uri: str, value: dict, storage: StorageConfig) -> None:
+    write_bytes_atomic(resolve(uri, storage), json.dumps(value, indent=1).encode())
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+@dataclass
+class CurationOutcome:
+    output_uri: str
+    selected: int
+    report: dict
+
+
+def run_curation(config: Config) -> CurationOutcome:
+    """Embed ``data.uri``, cluster, sample ``curation.target_size`` samples, write the outputs."""
+    import ray
+
+    cfg = dataclasses.replace(
+        config.curation,
+        embeddings_uri=_absolute(config.curation.embeddings_uri),
+        output_uri=_absolute(config.curation.output_uri),
+    )
+    config = dataclasses.replace(
+        config, curation=cfg, data=dataclasses.replace(config.data, uri=_absolute(config.data.uri))
+    )
+    specs = level_specs(cfg)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    manifest = _source_manifest(config)
+    check_levels(specs, manifest.count)  # fail before embedding; rechecked on what was embedded
+    if cfg.target_size > manifest.count:
+        raise CurationError(
+            f"curation.target_size={cfg.target_size} exceeds the {manifest.count} samples of "
+            f"{config.data.uri}; lower it"
+        )
+    names = embed_shard_set(config.data.uri, manifest, cfg, config.storage).names
+    executor = RayExecutor()
+    table = load_embeddings(cfg.embeddings_uri, names, config.storage, executor, cfg.num_partitions)
+    rng = np.random.default_rng(cfg.seed)
+    hierarchy = hierarchical_kmeans(
+        table.points,
+        specs,
+        rng,
+        cfg.lloyd_iterations,
+        cfg.resample_strategy,
+        cfg.num_partitions,
+        cfg.driver_max_points,
+    )
+    selection = hierarchical_sample(hierarchy, cfg.target_size, rng, cfg.leaf_selection)
+    flat = flat_baseline_sizes(table.points, specs, cfg) if cfg.flat_baseline else {}
+    report = CurationReport(
+        hierarchy,
+        selection,
+        flat,
+        table.labels,
+        extra={"source_uri": config.data.uri, "backbone": cfg.backbone},
+    )
+    out = resolve(cfg.output_uri, config.storage)
+    write_bytes_atomic(out.join(HIERARCHY_FILE), hierarchy.to_bytes())
+    _write_parquet(
+        out.join(CURATED_TABLE).uri, curated_table(table, hierarchy, selection), config.storage
+    )
+    report_dict = report.to_dict()
+    _write_json(out.join(REPORT_JSON).uri, report_dict, config.storage)
+    write_bytes_atomic(out.join(REPORT_PNG), report.plot_png())
+    summary = {
+        "source_uri": config.data.uri,
+        "count": len(selection.points),
+        "table": CURATED_TABLE,
+        "config": to_dict(config),
+    }
+    if cfg.write_shards:
+        from ray_ssl.curation.export import write_curated_shards
+
+        summary["shards"] = write_curated_shards(
+            config.data.uri,
+            manifest,
+            table.idx[selection.points],
+            out.join(CURATED_SHARDS_DIR).uri,
+            config.storage,
+            config.shards.samples_per_shard,
+        )
+    _write_json(out.join(CURATED_SUMMARY).uri, summary, config.storage)
+    log.info("curated %d of %d samples into %s", len(selection.points), hierarchy.n_points, out.uri)
+    return CurationOutcome(out.uri, len(selection.points), report_dict)
+
+
+def read_curated(uri: str, storage: StorageConfig | None = None) -> pa.Table:
+    """The curated table written by :func:`run_curation` under ``uri``."""
+    return pq.read_table(io.BytesIO(read_bytes(resolve(uri, storage).join(CURATED_TABLE))))
