@@ -142,10 +142,13 @@ def train(preset: str, overrides: Sequence[str]) -> None:
     plan_run(config)  # every input error surfaces here, before any actor starts
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        # A local instance gets whole logical CPUs for the bank shards on top of the cores: they
-        # are mostly idle servers, and the Train worker and Ray Data tasks need the real cores.
-        extra = math.ceil(config.instdisc.bank_shards * config.instdisc.bank_cpus_per_shard)
-        ray.init(address=address, num_cpus=None if address else (os.cpu_count() or 1) + extra)
+        # A local instance needs logical CPUs for every Train worker, one Ray Data task and the
+        # bank shards (mostly idle servers), even when the machine has fewer cores.
+        t, inst = config.train, config.instdisc
+        needed = t.num_workers * t.cpus_per_worker + 1
+        bank = math.ceil(inst.bank_shards * inst.bank_cpus_per_shard)
+        cpus = max(os.cpu_count() or 1, needed) + bank
+        ray.init(address=address, num_cpus=None if address else cpus)
     bank = ShardedMemoryBank(bank_spec(config))  # owned by the driver: it outlives the workers
     try:
         outcome = run_training(config)
