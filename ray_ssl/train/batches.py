@@ -88,6 +88,7 @@ class PassStream:
             )
             # The order within a pass is then a function of (seed, pass) for exact resumes.
             dataset.context.execution_options.preserve_order = True
+            dataset.context.enable_progress_bars = False  # the training bar reports progress
             splits = dataset.streaming_split(
                 self.world_size, equal=True, locality_hints=self.node_ids
             )
