@@ -221,6 +221,9 @@ class CurationConfig:
     n_clusters: tuple[int, ...] = (100, 20)
     n_resampling_steps: tuple[int, ...] = (2, 2)
     sample_size: tuple[int, ...] = (10, 5)
+    # Empty, or one entry per level: > 1 splits every cluster of the level into at most that many
+    # (the reference reaches 10M level-1 clusters as 100k x 100); not with resampling.
+    n_splits: tuple[int, ...] = ()
     resample_strategy: Literal["closest", "random"] = "closest"
     lloyd_iterations: int = 20
     target_size: int = 10000

@@ -9,14 +9,9 @@ from sklearn.datasets import make_blobs
 
 from ray_ssl.curation.blocks import LocalExecutor, PointSet, RayExecutor
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hkmeans import (
-    LevelSpec,
-    check_levels,
-    hierarchical_kmeans,
-    kmeans,
-    resample,
-    rows_at,
-)
+from ray_ssl.curation.hierarchy import check_levels, hierarchical_kmeans
+from ray_ssl.curation.hkmeans import LevelSpec, kmeans, resample, rows_at
+from ray_ssl.curation.split import split_clusters
 
 SPECS = [LevelSpec(40, 2, 8), LevelSpec(10, 2, 2), LevelSpec(3, 1, 2)]
 
@@ -105,3 +100,43 @@ def test_too_many_clusters_is_a_one_line_error() -> None:
         check_levels([LevelSpec(5)], 0)
     with pytest.raises(CurationError, match="sample_size"):
         check_levels([LevelSpec(5, 1, 0)], 50)
+
+
+def split_run(points: PointSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    result = kmeans(points, 6, rng, 10)
+    split = split_clusters(points, result, 4, rng, 20)
+    before = points.concat(result.assignment.labels)
+    return before, points.concat(split.assignment.labels), split.centroids
+
+
+def test_split_clusters_refines_each_cluster_alike_on_ray(ray_local: None) -> None:
+    x = blobs(600, seed=3)
+    before, after, centroids = split_run(PointSet.from_array(x, LocalExecutor(), 1))
+    for new in range(len(centroids)):
+        assert len(np.unique(before[after == new])) == 1  # inside one old cluster
+    for old in range(6):
+        subs = np.unique(after[before == old])
+        assert 1 <= len(subs) <= 4
+        members = np.flatnonzero(before == old)
+        dist = ((x[members, None, :] - centroids[None, subs]) ** 2).sum(-1)
+        chosen = dist[np.arange(len(members)), np.searchsorted(subs, after[members])]
+        assert np.all(chosen <= dist.min(1) + 1e-3)  # nearest of its cluster's sub-centroids
+    ray_before, ray_after, ray_centroids = split_run(PointSet.from_array(x, RayExecutor(), 3))
+    np.testing.assert_array_equal(before, ray_before)
+    np.testing.assert_array_equal(after, ray_after)
+    np.testing.assert_allclose(centroids, ray_centroids, rtol=1e-5, atol=1e-5)
+
+
+def test_split_level_feeds_the_next_level() -> None:
+    x = blobs(500, seed=4)
+    specs = [LevelSpec(5, 0, 1, n_splits=3), LevelSpec(8)]
+    h = hierarchical_kmeans(
+        PointSet.from_array(x, LocalExecutor(), 2), specs, np.random.default_rng(0), 10
+    )
+    assert 5 < h.n_clusters(1) <= 15 and h.sizes(1).min() > 0
+    assert len(h.parents(2)) == h.n_clusters(1) and h.sizes(2).sum() == 500
+    with pytest.raises(CurationError, match="both splits clusters and resamples"):
+        check_levels([LevelSpec(5, 1, 2, n_splits=3)], 500)
+    with pytest.raises(CurationError, match="level 2 asks for 16 clusters of only 15"):
+        check_levels([LevelSpec(5, 0, 1, n_splits=3), LevelSpec(16)], 500)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hkmeans import Hierarchy, Level
+from ray_ssl.curation.hierarchy import Hierarchy, Level
 from ray_ssl.curation.sampling import hierarchical_sample, split_targets
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ray_ssl.config import CurationConfig, StorageConfig
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.data.datasource import read_shard_rows
+from ray_ssl.data.decode import decode_rows
 from ray_ssl.data.shards import Manifest, ShardInfo
 from ray_ssl.data.storage import (
     atomic_write,
@@ -36,7 +37,7 @@ from ray_ssl.data.storage import (
     resolve,
     write_bytes_atomic,
 )
-from ray_ssl.data.stream import decode_rows
+from ray_ssl.models.vit import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,19 @@ class Backbone:
     """uint8 images [B, H, W, C] -> L2-normalised float32 embeddings [B, dim]."""
 
     def __init__(self, spec: EmbedSpec, channels: int, storage: StorageConfig, device: str):
-        self.spec, self.channels, self.device = spec, channels, torch.device(device)
+        self.spec, self.device = spec, torch.device(device)
         self.model: torch.nn.Module | None = None
         if spec.backbone == PIXELS:
-            self.input_size, self.in_chans = spec.pixels_size, channels
+            self.in_chans, self.input_size = channels, spec.pixels_size
             self.dim = channels * spec.pixels_size**2
             return
         import timm
 
         if spec.backbone.endswith(EXPORT_SUFFIX):
-            self.model = _load_export(spec.backbone, storage)
-            self.mean_std = None  # ray-ssl trains with ray_ssl.models.vit.normalize_images
+            model = _load_export(spec.backbone, storage)
         else:
             try:
-                self.model = timm.create_model(
+                model = timm.create_model(
                     spec.backbone, pretrained=spec.timm_pretrained, num_classes=0
                 )
             except RuntimeError as err:  # timm: unknown model name
@@ -85,35 +85,35 @@ class Backbone:
                     f"curation.backbone='{spec.backbone}' is not 'pixels', a timm model name or a "
                     f"'.safetensors' export ({err})"
                 ) from err
-            config = timm.data.resolve_data_config({}, model=self.model)
-            self.mean_std = (config["mean"], config["std"])
-        self.model = self.model.eval().to(self.device)
+        self.model = model.eval().to(self.device)
         self.in_chans, self.input_size = _input_shape(self.model)
         self.dim = int(self.model.num_features)
+        if spec.backbone.endswith(EXPORT_SUFFIX):  # as ray_ssl.models.vit.normalize_images
+            mean, std = (
+                (GRAY_MEAN, GRAY_STD) if self.in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+            )
+        else:
+            config = timm.data.resolve_data_config({}, model=self.model)
+            mean, std = config["mean"][: self.in_chans], config["std"][: self.in_chans]
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
 
     def _prepare(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, C] -> float [B, in_chans, side, side], normalised for the model."""
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        batch = batch.permute(0, 3, 1, 2)  # [B, C, H, W] uint8
+        batch = batch.permute(0, 3, 1, 2).float() / UINT8_MAX
         if batch.shape[1] != self.in_chans:  # gray <-> RGB
-            batch = batch.float().mean(1, keepdim=True) if self.in_chans == 1 else batch
-            batch = batch.expand(-1, self.in_chans, -1, -1) if batch.shape[1] == 1 else batch
+            batch = (
+                batch.mean(1, keepdim=True)
+                if self.in_chans == 1
+                else batch.expand(-1, self.in_chans, -1, -1)
+            )
+        side = (self.input_size, self.input_size)
         if self.model is None:
-            pixels = batch.float() / UINT8_MAX
-            return F.interpolate(pixels, size=(self.input_size,) * 2, mode="area")
-        if self.mean_std is None:
-            from ray_ssl.models.vit import normalize_images  # imports timm; not for "pixels"
-
-            pixels = normalize_images(batch.round().clamp(0, 255).to(torch.uint8))
-        else:
-            mean, std = (
-                torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in self.mean_std
-            )
-            pixels = (batch.float() / UINT8_MAX - mean) / std
-        if pixels.shape[-1] != self.input_size or pixels.shape[-2] != self.input_size:
-            pixels = F.interpolate(
-                pixels, size=(self.input_size,) * 2, mode="bilinear", antialias=True
-            )
-        return pixels
+            return F.interpolate(batch, size=side, mode="area")
+        if batch.shape[-2:] != side:
+            batch = F.interpolate(batch, size=side, mode="bilinear", antialias=True)
+        return (batch - self.mean) / self.std
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:

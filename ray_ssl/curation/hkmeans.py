@@ -18,9 +18,8 @@ blocks, so a distributed run reproduces a single-process run with the same seed.
 
 from __future__ import annotations
 
-import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -52,6 +51,7 @@ class LevelSpec:
     n_clusters: int
     n_resampling_steps: int = 0
     sample_size: int = 1
+    n_splits: int = 1  # > 1: then split every cluster in at most this many (ray_ssl.curation.split)
 
 
 @dataclass
@@ -275,126 +275,3 @@ def kmeans_with_resampling(
         log.debug("resampling step %d: %d points changed cluster", step + 1, changed)
         result = KMeansResult(sub.centroids, assignment, sub.iterations)
     return result
-
-
-@dataclass
-class Level:
-    """One level: its centroids and the assignment of the level's points to them."""
-
-    centroids: np.ndarray  # float32 [k_l, d]
-    labels: np.ndarray  # int64: cluster of every point of the level (data points, or the
-    # previous level's centroids)
-    sqdist: np.ndarray  # float32 squared distance of every point of the level to its centroid
-    inertia: float
-
-
-@dataclass
-class Hierarchy:
-    """The cluster tree: level 1 clusters data points, level l clusters level l-1's clusters."""
-
-    levels: list[Level] = field(default_factory=list)
-
-    @property
-    def n_points(self) -> int:
-        return len(self.levels[0].labels)
-
-    def n_clusters(self, level: int) -> int:
-        return len(self.levels[level - 1].centroids)
-
-    def parents(self, level: int) -> np.ndarray:
-        """The level-``level`` cluster of every level-(``level``-1) cluster (level >= 2)."""
-        return self.levels[level - 1].labels
-
-    def point_labels(self, level: int) -> np.ndarray:
-        """The level-``level`` cluster (1-based level) of every data point."""
-        labels = self.levels[0].labels
-        for parent in self.levels[1:level]:
-            labels = parent.labels[labels]
-        return labels
-
-    def sizes(self, level: int) -> np.ndarray:
-        """Data points under every cluster of ``level``."""
-        return np.bincount(self.point_labels(level), minlength=self.n_clusters(level))
-
-    def to_bytes(self) -> bytes:
-        arrays = {}
-        for i, lvl in enumerate(self.levels, 1):
-            arrays[f"centroids{i}"], arrays[f"labels{i}"] = lvl.centroids, lvl.labels
-            arrays[f"sqdist{i}"], arrays[f"inertia{i}"] = lvl.sqdist, np.array(lvl.inertia)
-        buffer = io.BytesIO()
-        np.savez(buffer, n_levels=np.array(len(self.levels)), **arrays)
-        return buffer.getvalue()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> Hierarchy:
-        data = np.load(io.BytesIO(raw))
-        return cls(
-            [
-                Level(
-                    data[f"centroids{i}"],
-                    data[f"labels{i}"],
-                    data[f"sqdist{i}"],
-                    float(data[f"inertia{i}"]),
-                )
-                for i in range(1, int(data["n_levels"]) + 1)
-            ]
-        )
-
-
-def check_levels(specs: list[LevelSpec], n_points: int) -> None:
-    """One-line errors for a hierarchy that cannot be built on ``n_points`` points."""
-    if not specs:
-        raise CurationError("curation.n_clusters is empty; give at least one level")
-    available, what = n_points, "embeddings"
-    for level, spec in enumerate(specs, 1):
-        if spec.n_clusters > available:
-            raise CurationError(
-                f"level {level} asks for {spec.n_clusters} clusters of only {available} {what}; "
-                f"each curation.n_clusters entry must be at most the previous one (and level 1 at "
-                f"most the number of embeddings)"
-            )
-        if spec.n_clusters < 1 or spec.sample_size < 1 or spec.n_resampling_steps < 0:
-            raise CurationError(
-                f"level {level}: n_clusters and sample_size must be >= 1 and n_resampling_steps "
-                f">= 0, got {spec}"
-            )
-        available, what = spec.n_clusters, f"level-{level} centroids"
-
-
-def hierarchical_kmeans(
-    points: PointSet,
-    specs: list[LevelSpec],
-    rng: np.random.Generator,
-    iterations: int,
-    strategy: str = "closest",
-    n_blocks: int = 1,
-    driver_max_points: int = 0,
-) -> Hierarchy:
-    """Build the hierarchy bottom-up; level l >= 2 clusters level l-1's centroids, split into
-    ``n_blocks`` blocks on the same executor as ``points``."""
-    check_levels(specs, points.n)
-    executor = points.executor
-    hierarchy = Hierarchy()
-    current = points
-    for level, spec in enumerate(specs, 1):
-        current = in_driver_if_small(current, driver_max_points)
-        log.info(
-            "level %d: %d clusters of %d points (%s), %d resampling steps of %d per cluster",
-            level,
-            spec.n_clusters,
-            current.n,
-            "Ray tasks" if current.executor.distributed else "in the driver",
-            spec.n_resampling_steps,
-            spec.sample_size,
-        )
-        result = kmeans_with_resampling(current, spec, rng, iterations, strategy, driver_max_points)
-        hierarchy.levels.append(
-            Level(
-                result.centroids,
-                current.concat(result.assignment.labels).astype(np.int64),
-                current.concat(result.assignment.sqdist).astype(np.float32),
-                result.assignment.inertia,
-            )
-        )
-        current = PointSet.from_array(result.centroids, executor, n_blocks)
-    return hierarchy

@@ -24,13 +24,8 @@ from ray_ssl.config import Config, CurationConfig, StorageConfig, to_dict
 from ray_ssl.curation.blocks import PointSet, RayExecutor
 from ray_ssl.curation.embed import embed_shard_set
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hkmeans import (
-    Hierarchy,
-    LevelSpec,
-    check_levels,
-    hierarchical_kmeans,
-    kmeans,
-)
+from ray_ssl.curation.hierarchy import Hierarchy, check_levels, hierarchical_kmeans
+from ray_ssl.curation.hkmeans import LevelSpec, kmeans
 from ray_ssl.curation.report import CurationReport
 from ray_ssl.curation.sampling import Selection, hierarchical_sample
 from ray_ssl.curation.table import EmbeddingTable, load_embeddings
@@ -47,9 +42,18 @@ FLAT_SEED_OFFSET = 1  # the flat baseline draws from its own stream: seed + this
 
 
 def level_specs(cfg: CurationConfig) -> list[LevelSpec]:
+    """The levels of ``cfg``; one-line error when ``n_splits`` has the wrong length."""
+    splits = cfg.n_splits or (1,) * len(cfg.n_clusters)
+    if len(splits) != len(cfg.n_clusters):
+        raise CurationError(
+            f"curation.n_splits has {len(splits)} entries for {len(cfg.n_clusters)} levels; give "
+            "one per level or none"
+        )
     return [
-        LevelSpec(k, r, s)
-        for k, r, s in zip(cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, strict=True)
+        LevelSpec(*level)
+        for level in zip(
+            cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, splits, strict=True
+        )
     ]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_ssl.curation.hkmeans import Hierarchy
+from ray_ssl.curation.hierarchy import Hierarchy
 from ray_ssl.curation.sampling import Selection
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hkmeans import Hierarchy
+from ray_ssl.curation.hierarchy import Hierarchy
 from ray_ssl.curation.kmeans import rank_in_group, smallest_per_group
 
 NOT_ELIGIBLE_KEY = 2.0  # above every uniform [0, 1) key: children at their size get no extra
