@@ -193,8 +193,8 @@ def torchvision_views(views: ViewConfig) -> Callable[[bytes, np.random.Generator
     return build
 
 
-def read_only(uri: str, manifest: Manifest, reader: str) -> float:
-    """Raw samples/s of a reader (no decode)."""
+def read_only(uri: str, manifest: Manifest, reader: str) -> tuple[float, float]:
+    """Raw samples per second and per CPU-second of a reader (no decode)."""
     import ray
 
     from ray_ssl.data.datasource import ShardSetDatasource
@@ -204,9 +204,9 @@ def read_only(uri: str, manifest: Manifest, reader: str) -> float:
     else:
         paths = [f"{uri}/{s.name}" for s in manifest.shards]
         dataset = ray.data.read_webdataset(paths, decoder=None)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), tree_cpu_seconds()
     rows = sum(len(b["idx"]) for b in dataset.iter_batches(batch_size=256, batch_format="numpy"))
-    return rows / (time.perf_counter() - start)
+    return rows / (time.perf_counter() - start), rows / (tree_cpu_seconds() - cpu_start)
 
 
 def main() -> None:
@@ -267,9 +267,10 @@ def main() -> None:
             }.items():
                 blocks = read_only(set_uri, set_manifest, "blocks")
                 webdataset = read_only(set_uri, set_manifest, "ray_webdataset")
-                print(f"raw read ({name}): blocks {blocks:.0f} samples/s, read_webdataset "
-                      f"{webdataset:.0f} samples/s, blocks/read_webdataset = "
-                      f"{blocks / webdataset:.2f}")  # fmt: skip
+                print(f"raw read ({name}): blocks {blocks[0]:.0f} samples/s ({blocks[1]:.0f} per "
+                      f"CPU-s), read_webdataset {webdataset[0]:.0f} samples/s ({webdataset[1]:.0f} "
+                      f"per CPU-s); blocks/read_webdataset = {blocks[0] / webdataset[0]:.2f} wall, "
+                      f"{blocks[1] / webdataset[1]:.2f} per CPU-s")  # fmt: skip
         finally:
             ray.shutdown()
         ours = results["blocks"]
