@@ -63,15 +63,17 @@ def synthetic_batches(config: Config, count: int, device: str) -> list[dict[str,
     return batches
 
 
-def timed_steps(step_fn: Any, batches: list[Any], first_step: int, count: int) -> list[float]:
-    """Wall time of each of ``count`` steps (device synchronised)."""
+def timed_steps(
+    step_fn: Any, batches: list[Any], first_step: int, count: int
+) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each of ``count`` steps (device synchronised)."""
     durations = []
     for step in range(first_step, first_step + count):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         step_fn(batches[step % len(batches)], step)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        durations.append(time.perf_counter() - start)
+        durations.append((time.perf_counter() - wall, time.process_time() - cpu))
     return durations
 
 
@@ -105,7 +107,7 @@ class PlainLoop:
         self.optimizer.step()
         self.method.after_step(step)
 
-    def run(self, count: int) -> list[float]:
+    def run(self, count: int) -> list[tuple[float, float]]:
         durations = timed_steps(self._train_step, self.batches, self.step, count)
         self.step += count
         return durations
@@ -137,11 +139,11 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
 def compare_step_times(
     config: Config, threads: int, warmup: int, rounds: int, per_round: int, device: str
-) -> tuple[float, float]:
-    """Median step seconds (ours, baseline), measured in alternating rounds of steps.
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (wall, CPU) seconds per step of (ours, baseline), in alternating rounds of steps.
 
-    Alternating rounds share the machine's conditions (the other side idles meanwhile), which
-    keeps the ratio honest on a machine with other load.
+    Alternating rounds share the machine's conditions (the other side idles meanwhile); the CPU
+    seconds of the process (all its threads) are a second view that other load inflates less.
     """
     import tempfile
     import threading
@@ -194,7 +196,11 @@ def compare_step_times(
             ours_times += results.get()
         commands.put(0)
         fit.join()
-    return statistics.median(ours_times), statistics.median(baseline_times)
+    return _medians(ours_times), _medians(baseline_times)
+
+
+def _medians(times: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def matmul_peak_flops(device: str) -> float:
@@ -247,7 +253,7 @@ def mfu_on_one_gpu(arch: str, batches_to_try: tuple[int, ...], warmup: int, time
             engine = build_engine(method, config, TrainSchedules.from_config(config, total))
             batches = synthetic_batches(config, 2, "cuda")
             timed_steps(engine.train_step, batches, 0, warmup)
-            seconds = statistics.median(timed_steps(engine.train_step, batches, warmup, timed))
+            seconds, _ = _medians(timed_steps(engine.train_step, batches, warmup, timed))
         except torch.cuda.OutOfMemoryError:
             print(f"{arch} batch {batch}: out of memory")
             method = engine = batches = None
@@ -316,15 +322,16 @@ def main() -> None:
             mfu_on_one_gpu(arch, batches, warmup, rounds * per_round)
     zero3_memory_estimate()
 
-    ours, baseline = compare_step_times(
+    (ours, ours_cpu), (baseline, baseline_cpu) = compare_step_times(
         config, args.threads, warmup, rounds, per_round, args.device
     )
     print(
         f"Franca step, {config.model.arch} ViT depth {config.model.depth}, batch "
-        f"{config.data.batch_size}, {args.threads} threads: plain PyTorch {baseline:.3f} s, "
-        f"Ray Train + DeepSpeed ZeRO-2 {ours:.3f} s (medians of {rounds * per_round} steps "
-        "in alternating rounds)"
+        f"{config.data.batch_size}, {args.threads} threads, medians of {rounds * per_round} steps "
+        f"in alternating rounds: plain PyTorch {baseline:.3f} s ({baseline_cpu:.3f} CPU-s), "
+        f"Ray Train + DeepSpeed ZeRO-2 {ours:.3f} s ({ours_cpu:.3f} CPU-s)"
     )
+    print(f"cpu_seconds_ratio={ours_cpu / baseline_cpu:.3f}")
     print(f"overhead_ratio={ours / baseline:.3f}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,16 +127,20 @@ def restore_checkpoint(directory: str, engine: Any, rank: int, world_size: int) 
     return state
 
 
-def gathered_state_dict(module: nn.Module, state_dict_fn: Any = None) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of ``module``'s state dict; under ZeRO-3 gathers (all ranks must call)."""
+def gathered_state_dict(
+    module: nn.Module, state_dict_fn: Any, rank: int
+) -> dict[str, torch.Tensor]:
+    """Full float32 CPU tensors of ``state_dict_fn()`` on rank 0 ({} elsewhere).
+
+    Under ZeRO-3 the parameters are gathered first, a collective: every rank must call this.
+    """
     import deepspeed
 
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_tensor") for p in params)
-    state_dict_fn = state_dict_fn or module.state_dict
-    if not partitioned:
-        return {k: v.detach().float().cpu().clone() for k, v in state_dict_fn().items()}
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
+        if rank != 0:
+            return {}
         return {k: v.detach().float().cpu().clone() for k, v in state_dict_fn().items()}
 
 
@@ -151,7 +154,7 @@ def export_backbone(
     """
     from safetensors.torch import save
 
-    tensors = gathered_state_dict(backbone, backbone.timm_state_dict)
+    tensors = gathered_state_dict(backbone, backbone.timm_state_dict, rank)
     if rank != 0:
         return None
     name, kwargs = backbone.timm_name_and_kwargs()
@@ -176,9 +179,3 @@ def load_exported_backbone(uri: str, storage: StorageConfig | None = None) -> nn
     model = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"])
     model.load_state_dict(load(read_bytes(loc.join(meta["weights"]))))
     return model
-
-
-def local_path_of(uri: str) -> str | None:
-    """The local filesystem path of ``uri`` if it is local, else None."""
-    loc = resolve(uri)
-    return loc.path if loc.scheme == "file" and os.path.isabs(loc.path) else None

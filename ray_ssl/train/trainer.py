@@ -26,14 +26,28 @@ from ray_ssl.train.loop import EXPORT_DIR, LoopPlan, loop_config_for, train_loop
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "ray_ssl_config.json"
-# Sections that fix the shapes of the saved model/optimizer state: a run directory that holds
-# a run with other values cannot be resumed by this config.
-STATE_SHAPING_KEYS = (
-    ("model",),
-    ("train", "method"),
-    ("train", "num_workers"),
-    ("train", "zero_stage"),
-)
+# Config values that fix the shapes of the saved model and optimizer state: a run directory
+# started with other values cannot be resumed by this config. (Regularisation such as drop-path
+# and the schedules may change between launches.)
+MODEL_SHAPE_KEYS = ("arch", "depth", "patch_size", "img_size", "in_chans", "num_registers")
+METHOD_SHAPE_KEYS = {
+    "franca": (
+        "prototypes", "ibot_prototypes", "nesting_levels", "head_hidden_dim",
+        "head_bottleneck_dim", "ibot_head_bottleneck_dim", "head_layers",
+    ),
+    "instdisc": ("backbone", "feature_dim"),
+}  # fmt: skip
+LAYOUT_KEYS = ("method", "num_workers", "zero_stage")
+
+
+def state_shaping_keys(config: Config) -> list[tuple[str, str]]:
+    """(section, key) pairs that must match between a run directory and a resuming config."""
+    method = config.train.method
+    return [
+        *(("model", k) for k in MODEL_SHAPE_KEYS),
+        *((method, k) for k in METHOD_SHAPE_KEYS.get(method, ())),
+        *(("train", k) for k in LAYOUT_KEYS),
+    ]
 
 
 @dataclass(frozen=True)
@@ -149,13 +163,13 @@ def check_run_directory(config: Config) -> None:
         return
     saved = json.loads(read_bytes(loc))
     current = to_dict(config)
-    for keys in STATE_SHAPING_KEYS:
+    for keys in state_shaping_keys(config):
         if _pick(saved, keys) != _pick(current, keys):
             name = ".".join(keys)
             raise CheckpointError(
-                f"run '{config.train.run_name}' in {config.train.storage_path} was started with "
-                f"another {name} ({_pick(saved, keys)} vs {_pick(current, keys)}); its checkpoints "
-                "cannot be resumed by this config: choose another train.run_name or delete "
+                f"run '{config.train.run_name}' in {config.train.storage_path} holds checkpoints "
+                f"of another model or layout ({name}={_pick(saved, keys)!r}, now "
+                f"{_pick(current, keys)!r}); choose another train.run_name or delete "
                 f"{run_uri_of(config)}"
             )
 
