@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ray_ssl.config import load_config
+from ray_ssl.errors import UserError
 
 log = logging.getLogger("ray_ssl")
 
@@ -128,11 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_with_errors(func: Callable[[], None]) -> None:
     """Run ``func``; a known input error becomes one line on stderr and exit code 2."""
-    from ray_ssl.errors import USER_ERRORS
-
     try:
         func()
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"ray-ssl: error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

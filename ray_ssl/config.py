@@ -17,10 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
+from ray_ssl.errors import UserError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message is one line naming the key and what is valid."""
 
 
@@ -443,7 +445,10 @@ def validate(config: Config) -> None:
     )
     lo, hi = v.mask_ratio
     _require(0.0 <= lo <= hi < 1.0, f"views.mask_ratio={list(v.mask_ratio)} must be 0<=lo<=hi<1")
-    for name, (a, b) in (("views.global_scale", v.global_scale), ("views.local_scale", v.local_scale)):
+    for name, (a, b) in (
+        ("views.global_scale", v.global_scale),
+        ("views.local_scale", v.local_scale),
+    ):
         _require(0.0 < a <= b <= 1.0, f"{name}=[{a}, {b}] must satisfy 0 < lo <= hi <= 1")
     _require(
         0.0 <= d.max_corrupt_fraction <= 1.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ray_ssl.errors import UserError
 
-class CurationError(ValueError):
+
+class CurationError(UserError, ValueError):
     """Bad curation input: too many clusters for the points, no embeddings, mismatched dims..."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ray_ssl.errors import UserError
 
-class ShardError(ValueError):
+
+class ShardError(UserError, ValueError):
     """A shard set that cannot be written or read: bad source, missing or inconsistent shards."""
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(UserError, RuntimeError):
     """More corrupt samples than ``data.max_corrupt_fraction`` allows."""

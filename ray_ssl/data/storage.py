@@ -21,11 +21,12 @@ from typing import IO
 import fsspec
 
 from ray_ssl.config import StorageConfig
+from ray_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage location that cannot be used; the message says what to do."""
 
 

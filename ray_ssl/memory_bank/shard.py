@@ -18,6 +18,7 @@ import numpy as np
 
 from ray_ssl.config import StorageConfig
 from ray_ssl.data.storage import atomic_write, read_bytes, resolve, write_bytes_atomic
+from ray_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ NORM_EPS = 1e-12  # guards the L2 normalisation of an all-zero row
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class MemoryBankError(ValueError):
+class MemoryBankError(UserError, ValueError):
     """Bad input to the memory bank (rows, dimensions, layout); the message says how to fix it."""
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ray_ssl.config import Config, StorageConfig, to_dict
 from ray_ssl.data.storage import resolve, write_bytes_atomic
+from ray_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ EXPORT_WEIGHTS = "teacher_backbone.safetensors"
 EXPORT_META = "teacher_backbone.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 
