@@ -21,7 +21,6 @@ from ray_ssl.data.augment import (
     resized_crop_box,
     solarize,
 )
-from ray_ssl.data.normalize import normalize_crops
 from ray_ssl.data.views import (
     CorruptImageError,
     ViewBuilder,
@@ -29,6 +28,7 @@ from ray_ssl.data.views import (
     crop_recipes,
     decode_image,
 )
+from ray_ssl.models.vit import normalize_images
 
 SMALL = dict(global_size=28, local_size=16, patch_size=4, global_scale=(0.4, 1.0))
 
@@ -140,9 +140,9 @@ def test_decode_rejects_bad_bytes_and_converts_channels():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_normalize_crops_matches_torchvision_normalize(channels):
+def test_normalize_images_matches_torchvision_normalize(channels):
     crops = torch.randint(0, 256, (4, channels, 8, 8), dtype=torch.uint8)
-    out = normalize_crops(crops)
+    out = normalize_images(crops)
     mean = (0.485, 0.456, 0.406) if channels == 3 else (0.449,)
     std = (0.229, 0.224, 0.225) if channels == 3 else (0.226,)
     want = TF.normalize(crops.float() / 255.0, mean, std)

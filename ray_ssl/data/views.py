@@ -1,7 +1,7 @@
 """Per-sample view builders driven by ``ViewConfig``: multi-crop, two-view pair, single view.
 
 A sample's views leave the pipeline as uint8 HWC crops (4x smaller than float32); methods call
-:func:`ray_ssl.data.normalize.normalize_crops` on the training device. No torch here: Ray Data
+:func:`ray_ssl.models.vit.normalize_images` on the training device. No torch here: Ray Data
 tasks that build views need not import it. Crop-specific probabilities follow DINO/Franca:
 Gaussian blur p=blur_p[0] on global crop 1 and blur_p[1] on the others, solarize only on global
 crop 2, local crops blur with local_blur_p and never solarize. ``pair`` is two global crops with
