@@ -7,16 +7,16 @@ Same data (N x d float32 Gaussian mixture), same k, same initial centroids, same
 - ours in one process: the same kernels on one block with ``threads`` torch/BLAS threads;
 - ``faiss.Kmeans`` with ``threads`` OpenMP threads (exact L2 search, no subsampling); its
   per-iteration time comes from its own ``iteration_stats``.
-The runs are interleaved (ours, faiss, ours, faiss, ...) and the median iteration is reported, so
-that load from other processes hits both alike. At full size (N=1M, d=128, k=10k) only a few
-iterations are timed, not a whole run.
+The methods take turns every iteration (ours on Ray, faiss, ours in-process, again ...) and the
+median iteration is reported, so that load from other processes hits all alike. At full size
+(N=1M, d=128, k=10k) only a few iterations are timed, not a whole run.
 
 Also: the balance of 1 level of k-means against 4 levels of hierarchical k-means with resampling
 on the same long-tailed mixture (Vo et al., arXiv 2405.15613): KL to uniform of the top level's
 cluster sizes, and of the planted components in a balanced sample drawn from each tree.
 
 Last line: ``ours_vs_faiss=<ours (Ray) seconds / faiss seconds per iteration>``.
-Usage: ``python benchmarks/kmeans.py [--quick] [--threads 2] [--rounds 2] [--iterations 3]``.
+Usage: ``python benchmarks/kmeans.py [--quick] [--threads 2] [--steps N]``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +36,7 @@ from ray_ssl.curation.kmeans import update_centroids
 from ray_ssl.curation.report import kl_to_uniform
 from ray_ssl.curation.sampling import hierarchical_sample
 
+DEFAULT_STEPS = {True: 5, False: 2}  # timed iterations per method (quick, full)
 SIZES = {True: (100_000, 64, 1_000), False: (1_000_000, 128, 10_000)}  # N, d, k (quick, full)
 BALANCE = {  # points, dims, planted components, levels of the 4-level tree (quick, full)
     True: (20_000, 16, 30, (600, 200, 80, 30)),
@@ -58,44 +58,47 @@ def mixture(n: int, d: int, components: int, seed: int) -> tuple[np.ndarray, np.
     return points.astype(np.float32), labels
 
 
-@dataclass
-class Timing:
-    ours_ray: list[float]
-    ours_local: list[float]
-    faiss: list[float]
+class OursLloyd:
+    """Our Lloyd iterations on a PointSet; ``step`` times one (update + assignment)."""
 
+    def __init__(self, points: PointSet, init: np.ndarray):
+        self.points, self.centroids = points, init
+        self.assignment, self.sums, _ = assign(points, init)  # the first assignment, untimed
 
-def time_ours(points: PointSet, centroids: np.ndarray, iterations: int) -> list[float]:
-    assignment, sums, _ = assign(points, centroids)  # warm-up (and the first assignment)
-    times = []
-    for _ in range(iterations):
+    def step(self) -> float:
         start = time.perf_counter()
-        centroids = update_centroids(sums, assignment.counts, centroids)
-        assignment, sums, _ = assign(points, centroids, assignment)
-        times.append(time.perf_counter() - start)
-    return times
+        self.centroids = update_centroids(self.sums, self.assignment.counts, self.centroids)
+        self.assignment, self.sums, _ = assign(self.points, self.centroids, self.assignment)
+        return time.perf_counter() - start
 
 
-def time_faiss(x: np.ndarray, init: np.ndarray, iterations: int, seed: int) -> list[float]:
-    import faiss
+class FaissLloyd:
+    """faiss.Kmeans continued from the current centroids; ``step`` returns the time faiss
+    records for one iteration (the second of a 2-iteration train, so setup is excluded)."""
 
-    km = faiss.Kmeans(
-        x.shape[1],
-        len(init),
-        niter=iterations,
-        seed=seed,
-        max_points_per_centroid=len(x),
-        min_points_per_centroid=1,
-        verbose=False,
-        spherical=False,
-    )
-    km.train(x, init_centroids=init)
-    stats = km.iteration_stats  # cumulative seconds since the start of training
-    cumulative = [stats[i]["time"] for i in range(len(stats))]
-    return list(np.diff([0.0, *cumulative]))
+    def __init__(self, x: np.ndarray, init: np.ndarray, seed: int):
+        self.x, self.centroids, self.seed = x, init, seed
+
+    def step(self) -> float:
+        import faiss
+
+        km = faiss.Kmeans(
+            self.x.shape[1],
+            len(self.centroids),
+            niter=2,
+            seed=self.seed,
+            max_points_per_centroid=len(self.x),  # no subsampling: the same N as ours
+            min_points_per_centroid=1,
+            verbose=False,
+        )
+        km.train(self.x, init_centroids=self.centroids)
+        self.centroids = km.centroids
+        stats = km.iteration_stats  # cumulative seconds since the start of training
+        return stats[1]["time"] - stats[0]["time"]
 
 
-def speed(quick: bool, threads: int, rounds: int, iterations: int, seed: int) -> Timing:
+def speed(quick: bool, threads: int, steps: int, seed: int) -> dict[str, list[float]]:
+    """Seconds of each timed iteration per method, the methods taking turns every iteration."""
     import faiss
     import torch
 
@@ -104,14 +107,20 @@ def speed(quick: bool, threads: int, rounds: int, iterations: int, seed: int) ->
     init = x[np.random.default_rng(seed).choice(n, k, replace=False)].copy()
     faiss.omp_set_num_threads(threads)
     torch.set_num_threads(threads)
-    ray_points = PointSet.from_array(x, RayExecutor(), threads)
-    local_points = PointSet.from_array(x, LocalExecutor(), 1)
-    timing = Timing([], [], [])
-    for _ in range(rounds):
-        timing.ours_ray += time_ours(ray_points, init, iterations)
-        timing.faiss += time_faiss(x, init, iterations, seed)
-        timing.ours_local += time_ours(local_points, init, iterations)
-    return timing
+    methods = {
+        "ours_ray": OursLloyd(PointSet.from_array(x, RayExecutor(), threads), init),
+        "faiss": FaissLloyd(x, init, seed),
+        "ours_local": OursLloyd(PointSet.from_array(x, LocalExecutor(), 1), init),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for step in range(steps):
+        for name, method in methods.items():
+            times[name].append(method.step())
+        print(
+            f"  iteration {step + 1}: " + ", ".join(f"{m} {t[-1]:.3f}s" for m, t in times.items()),
+            flush=True,
+        )
+    return times
 
 
 def balance(quick: bool, seed: int) -> dict[str, float]:
@@ -144,8 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved ours/faiss runs")
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per run")
+    parser.add_argument("--steps", type=int, default=None, help="timed iterations per method")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -154,15 +162,13 @@ def main() -> None:
 
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     n, d, k = SIZES[args.quick]
-    timing = speed(args.quick, args.threads, args.rounds, args.iterations, args.seed)
+    steps = args.steps or DEFAULT_STEPS[args.quick]
+    times = speed(args.quick, args.threads, steps, args.seed)
     ray.shutdown()
-    med = {
-        name: statistics.median(getattr(timing, name))
-        for name in ("ours_ray", "ours_local", "faiss")
-    }
+    med = {name: statistics.median(values) for name, values in times.items()}
     print(
         f"Lloyd iteration, N={n} d={d} k={k}, {args.threads} threads/CPUs, "
-        f"median of {args.rounds}x{args.iterations} timed iterations (seconds):"
+        f"median of {steps} timed iterations each (seconds):"
     )
     print(f"  ours on Ray ({args.threads} blocks, 1 task each) {med['ours_ray']:.3f}")
     print(f"  ours in one process ({args.threads} threads)      {med['ours_local']:.3f}")

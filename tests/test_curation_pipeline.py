@@ -22,7 +22,7 @@ from ray_ssl.curation.embed import Backbone, EmbedSpec, embed_shard_set
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.curation.pipeline import read_curated, run_curation
 from ray_ssl.curation.table import load_embeddings
-from ray_ssl.data.shards import iter_shard, read_manifest, write_shard_set
+from ray_ssl.data.shards import Manifest, iter_shard, read_manifest, write_shard_set
 from ray_ssl.data.storage import read_bytes, resolve
 
 STORAGE = StorageConfig()
@@ -196,6 +196,15 @@ def test_cli_and_job_report_bad_input_in_one_line(
     assert code.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "level 1 asks for 5000 clusters of only" in err and "\n" not in err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = Manifest(0, [], [], "digits", "digits", "train", "png", 1)
+    (empty / "manifest.json").write_bytes(manifest.to_json())
+    with pytest.raises(SystemExit) as code:
+        cli_main(["curate", f"data.uri={empty}", f"curation.embeddings_uri={tmp_path}/emb0"])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and "clusters of only 0 embeddings" in err and "\n" not in err
 
     spec = importlib.util.spec_from_file_location("curate_job", "jobs/curate.py")
     job = importlib.util.module_from_spec(spec)

@@ -206,12 +206,13 @@ def lloyd(points: PointSet, centroids: np.ndarray, iterations: int) -> KMeansRes
     """Lloyd iterations from ``centroids``; stops early once no label changes (a fixed point)."""
     assignment, sums, _ = assign(points, centroids)
     done = 0
-    for _ in range(iterations):
+    for _ in tqdm(range(iterations), desc="Lloyd", unit="iter", disable=None, leave=False):
         centroids = update_centroids(sums, assignment.counts, centroids)
         assignment, sums, changed = assign(points, centroids, assignment)
         done += 1
         if changed == 0:
             break
+    log.debug("Lloyd: %d iterations, inertia %.6g", done, assignment.inertia)
     return KMeansResult(centroids, assignment, done)
 
 

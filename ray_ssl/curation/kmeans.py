@@ -8,6 +8,8 @@ the reference implementation (facebookresearch/ssl-data-curation, ``high_precisi
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -58,11 +60,7 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np
         augmented[:m, :dim] = x[start : start + m]
         block = scores[:m]
         if big:
-            torch.mm(
-                torch.from_numpy(augmented[:m]),
-                torch.from_numpy(weights),
-                out=torch.from_numpy(block),
-            )
+            torch.mm(_tensor(augmented[:m]), _tensor(weights), out=_tensor(block))
         else:
             np.matmul(augmented[:m], weights, out=block)
         best = block.argmin(axis=1)  # numpy's row argmin is vectorised; torch's is slower on CPU
@@ -75,8 +73,16 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np
 def _matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b.T in float32: MKL through torch for large products, numpy's BLAS for small ones."""
     if a.shape[0] * b.shape[0] * a.shape[1] >= TORCH_MIN_GEMM_FLOPS:
-        return (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy()
+        return (_tensor(a) @ _tensor(b).T).numpy()
     return a @ b.T
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor view of ``array``, also of the read-only arrays of Ray's object store
+    (torch warns about those; the view is only read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
