@@ -179,6 +179,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    torch_threads: int | None = None  # intra-op threads per worker; None = cpus_per_worker
     zero_stage: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     epochs: int = 1

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, CHECKPOINT_EVERY = 12, 4
+STEPS, CHECKPOINT_EVERY, BATCH = 12, 4, 32
 STEP_LINE = re.compile(r"step (\d+)/(\d+) .*?\bloss=([-+0-9.e]+)")
 RESUME_LINE = re.compile(r"resumed from \S+ at step (\d+)")
 LOSS_RTOL = 1e-4  # the same computation after a restore; only logging rounds (6 digits)
@@ -37,7 +37,7 @@ def _job_command(tmp: Path) -> list[str]:
         "shards.source=digits",
         f"data.uri={tmp}/digits/train",
         "data.eval_uri=null",
-        "data.batch_size=32",
+        f"data.batch_size={BATCH}",
         "views.global_size=8",
         "views.local_size=4",
         "views.local_crops=2",
@@ -115,3 +115,4 @@ def test_killed_job_resumes_from_its_last_checkpoint(ray_local: None, tmp_path: 
 
     final = json.loads((run_dir / f"step_{STEPS:08d}" / "train_state.json").read_text())
     assert [int(h["step"]) for h in final["history"]] == list(range(1, STEPS + 1))
+    assert final["samples_seen"] == STEPS * BATCH  # skipped (re-read) batches are not counted

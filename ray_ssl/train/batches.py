@@ -64,18 +64,20 @@ class PassStream:
         self.node_ids = _all_node_ids(world_size)
         self._iterator: Any = None
         self._last: Batch | None = None
-        self.finished_seen = 0
-        self.finished_corrupt = 0
+        self.finished_seen = self.skipped_seen = 0
+        self.finished_corrupt = self.skipped_corrupt = 0
         self.repeated_batches = 0
 
     @property
     def seen(self) -> int:
-        """Samples read by this worker so far (this launch), corrupt ones included."""
-        return self.finished_seen + (self._iterator.stats.seen if self._iterator else 0)
+        """Samples trained on by this worker in this launch, corrupt ones included."""
+        current = self._iterator.stats.seen if self._iterator else 0
+        return self.finished_seen + current - self.skipped_seen
 
     @property
     def corrupt(self) -> int:
-        return self.finished_corrupt + (self._iterator.stats.corrupt if self._iterator else 0)
+        current = self._iterator.stats.corrupt if self._iterator else 0
+        return self.finished_corrupt + current - self.skipped_corrupt
 
     def _open_pass(self) -> None:
         if self._iterator is not None:
@@ -104,6 +106,9 @@ class PassStream:
             log.info("pass %d: skipping %d consumed batches", self.pass_index, self.position)
         for _ in range(self.position):
             self._next_or_repeat()
+        # Samples read to skip were counted by the launch that trained on them.
+        self.skipped_seen += self._iterator.stats.seen
+        self.skipped_corrupt += self._iterator.stats.corrupt
 
     def _next_or_repeat(self) -> Batch:
         try:

@@ -47,6 +47,8 @@ class TrainState:
     step: int = 0
     world_size: int = 1
     zero_stage: int = 0
+    samples_seen: int = 0  # over all workers and launches, corrupt ones included
+    corrupt_samples: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 

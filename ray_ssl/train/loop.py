@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray.train
@@ -113,6 +113,8 @@ class WorkerRun:
         self.config, self.plan = config, plan
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        if config.train.torch_threads:  # else Ray's OMP_NUM_THREADS = cpus_per_worker
+            torch.set_num_threads(config.train.torch_threads)
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         method = build_method(config, plan.steps_per_epoch, plan.total_steps)
         self.views = method.view_spec
@@ -125,6 +127,7 @@ class WorkerRun:
                 self.state = restore_checkpoint(directory, self.engine, self.rank, self.world_size)
         else:
             torch.manual_seed(config.train.seed + 1 + self.rank)  # per-rank masks, drop-path
+        self.launch_start = replace(self.state)
         self.evaluator = (
             KnnEvaluator(config, plan.num_classes, self.rank, self.world_size)
             if config.data.eval_uri is not None
@@ -167,6 +170,11 @@ class WorkerRun:
             "repeated_batches": float(self.stream.repeated_batches),
         }
         metrics = window.reduce(extras, self.world_size)
+        # Counters of earlier launches (restored with the checkpoint) plus this launch's.
+        metrics["samples_seen"] += self.launch_start.samples_seen
+        metrics["corrupt_samples"] += self.launch_start.corrupt_samples
+        self.state.samples_seen = int(metrics["samples_seen"])
+        self.state.corrupt_samples = int(metrics["corrupt_samples"])
         metrics.update(
             step=float(step),
             epoch=step / self.plan.steps_per_epoch,

@@ -86,6 +86,8 @@ def _check_config(config: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{name}={value} must be >= 1")
+    if t.torch_threads is not None and t.torch_threads < 1:
+        raise ConfigError(f"train.torch_threads={t.torch_threads} must be >= 1 or null")
     if t.steps_per_epoch is not None and t.steps_per_epoch < 1:
         raise ConfigError(f"train.steps_per_epoch={t.steps_per_epoch} must be >= 1 or null")
     if e.knn_every < 0:
