@@ -1,11 +1,11 @@
-"""Hierarchical k-means with resampling (Vo et al., arXiv 2405.15613).
+"""Distributed k-means with resampling: one level of hierarchical k-means (Vo et al., arXiv
+2405.15613; :mod:`ray_ssl.curation.hierarchy` stacks the levels).
 
-Level 1 clusters the points; level l clusters the centroids of level l-1. Each level runs k-means
-(k-means++ seeding with 2 + ln k greedy local trials, then Lloyd iterations) followed by R
-resampling steps: take ``sample_size`` points of every cluster (closest to the centroid or at
-random), run k-means on them alone, and reassign all points to the new centroids - which moves
-centroids from dense regions towards a uniform cover of the data's support. The order of steps
-follows the reference implementation, facebookresearch/ssl-data-curation
+A level runs k-means (k-means++ seeding with 2 + ln k greedy local trials, then Lloyd iterations)
+followed by R resampling steps: take ``sample_size`` points of every cluster (closest to the
+centroid or at random), run k-means on them alone, and reassign all points to the new centroids -
+which moves centroids from dense regions towards a uniform cover of the data's support. The order
+of steps follows the reference implementation, facebookresearch/ssl-data-curation
 (``src/hierarchical_kmeans_gpu.py``, ``src/distributed_kmeans_gpu.py``).
 
 Everything here is written against :class:`~ray_ssl.curation.blocks.PointSet`: with a

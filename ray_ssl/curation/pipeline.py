@@ -25,7 +25,7 @@ from ray_ssl.curation.blocks import PointSet, RayExecutor
 from ray_ssl.curation.embed import embed_shard_set
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.curation.hierarchy import Hierarchy, check_levels, hierarchical_kmeans
-from ray_ssl.curation.hkmeans import LevelSpec, kmeans
+from ray_ssl.curation.hkmeans import LevelSpec, in_driver_if_small, kmeans
 from ray_ssl.curation.report import CurationReport
 from ray_ssl.curation.sampling import Selection, hierarchical_sample
 from ray_ssl.curation.table import EmbeddingTable, load_embeddings
@@ -67,13 +67,16 @@ def _source_manifest(config: Config) -> Manifest:
 
 
 def flat_baseline_sizes(
-    points: PointSet, specs: list[LevelSpec], cfg: CurationConfig
+    points: PointSet, hierarchy: Hierarchy, cfg: CurationConfig
 ) -> dict[int, np.ndarray]:
     """Cluster sizes of flat k-means on the points with each level's k (no resampling)."""
     rng = np.random.default_rng(cfg.seed + FLAT_SEED_OFFSET)
+    points = in_driver_if_small(points, cfg.driver_max_points)
     return {
-        level: kmeans(points, spec.n_clusters, rng, cfg.lloyd_iterations).assignment.counts
-        for level, spec in enumerate(specs, 1)
+        level: kmeans(
+            points, hierarchy.n_clusters(level), rng, cfg.lloyd_iterations
+        ).assignment.counts
+        for level in range(1, len(hierarchy.levels) + 1)
     }
 
 
@@ -146,7 +149,7 @@ def run_curation(config: Config) -> CurationOutcome:
         cfg.driver_max_points,
     )
     selection = hierarchical_sample(hierarchy, cfg.target_size, rng, cfg.leaf_selection)
-    flat = flat_baseline_sizes(table.points, specs, cfg) if cfg.flat_baseline else {}
+    flat = flat_baseline_sizes(table.points, hierarchy, cfg) if cfg.flat_baseline else {}
     report = CurationReport(
         hierarchy,
         selection,
