@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,8 +196,8 @@ def _storage_for_ray(config: Config) -> tuple[str, Any]:
     return path[len("s3://") :].rstrip("/"), filesystem
 
 
-def build_trainer(config: Config, plan: LoopPlan) -> Any:
-    """The ``TorchTrainer`` of a run (not started)."""
+def build_trainer(config: Config, plan: LoopPlan, callbacks: Sequence[Any] = ()) -> Any:
+    """The ``TorchTrainer`` of a run (not started); ``callbacks`` are Ray Train callbacks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -219,6 +220,7 @@ def build_trainer(config: Config, plan: LoopPlan) -> Any:
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            callbacks=list(callbacks),
         ),
     )
 
@@ -260,8 +262,11 @@ def with_absolute_paths(config: Config) -> Config:
     return dataclasses.replace(config, data=data, train=train, eval=evaluation)
 
 
-def run_training(config: Config) -> TrainingOutcome:
-    """Pretrain ``config`` on the connected Ray cluster (starting a local one if none)."""
+def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutcome:
+    """Pretrain ``config`` on the connected Ray cluster (starting a local one if none).
+
+    ``callbacks`` go to Ray Train (a Tune sweep passes ``TuneReportCallback``).
+    """
     import ray
 
     config = with_absolute_paths(config)
@@ -279,7 +284,7 @@ def run_training(config: Config) -> TrainingOutcome:
         config.data.batch_size,
         config.train.num_workers,
     )
-    result = build_trainer(config, plan).fit()
+    result = build_trainer(config, plan, callbacks).fit()
     report_uri = None
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     if result.checkpoint is not None and config.data.eval_uri is not None:

@@ -42,8 +42,18 @@ class SweepSpec:
     storage_path: str = "ray_results"
 
 
+def _scalar(text: str) -> Any:
+    """A number where the text is one (YAML reads ``1e-4`` as a string), else YAML's value."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return yaml.safe_load(text)
+
+
 def _values(raw: str) -> list[Any]:
-    return [yaml.safe_load(v) for v in raw.split(",") if v != ""]
+    return [_scalar(v) for v in raw.split(",") if v != ""]
 
 
 def parse_dimension(text: str) -> tuple[str, str]:
@@ -71,7 +81,7 @@ def search_space(dimensions: dict[str, str]) -> dict[str, Any]:
             elif kind == "choice":
                 space[key] = tune.choice(_values(args))
             else:
-                low, high = (yaml.safe_load(a) for a in args.split(":"))
+                low, high = (_scalar(a) for a in args.split(":"))
                 sampler = {"uniform": tune.uniform, "loguniform": tune.loguniform}.get(
                     kind, tune.randint
                 )
@@ -87,7 +97,7 @@ def representative_values(dimensions: dict[str, str]) -> dict[str, Any]:
     for key, spec in dimensions.items():
         kind, _, args = spec.partition(":")
         listed = kind in ("grid", "choice")
-        out[key] = _values(args)[0] if listed else yaml.safe_load(args.split(":")[0])
+        out[key] = _values(args)[0] if listed else _scalar(args.split(":")[0])
     return out
 
 
