@@ -14,12 +14,10 @@ resumes the embedding where it stopped. Input errors are one line on stderr and 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from ray_ssl.cli import run_with_errors
+from ray_ssl.cli import job_main
 from ray_ssl.config import load_config
 
 PRESET_ALIASES = {"local": "curate_local", "web": "curate_web"}
@@ -42,16 +40,13 @@ def curate(preset: str, overrides: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--preset", default=DEFAULT_PRESET, help="local | web | a preset name or YAML path"
+    job_main(
+        __doc__,
+        DEFAULT_PRESET,
+        curate,
+        argv,
+        preset_help="local | web | a preset name or YAML path",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    run_with_errors(lambda: curate(args.preset, args.overrides))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Input errors are one line on stderr and exit code 2, before any worker starts.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-from ray_ssl.cli import run_with_errors  # noqa: E402
+from ray_ssl.cli import job_main  # noqa: E402
 from ray_ssl.config import Config, load_config  # noqa: E402
 
 log = logging.getLogger("ray_ssl.jobs.franca_g")
@@ -62,14 +61,7 @@ def train(preset: str, overrides: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or YAML path")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    run_with_errors(lambda: train(args.preset, args.overrides))
+    job_main(__doc__, DEFAULT_PRESET, train, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ bank itself as the training features (the paper's protocol) and with recomputed 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -26,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-from ray_ssl.cli import run_with_errors  # noqa: E402
+from ray_ssl.cli import job_main  # noqa: E402
 from ray_ssl.config import Config, ConfigError, load_config  # noqa: E402
 
 log = logging.getLogger("ray_ssl.jobs.instdisc")
@@ -174,16 +173,13 @@ def train(preset: str, overrides: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--preset", default="imagenet", help="local | imagenet | a preset name or YAML path"
+    job_main(
+        __doc__,
+        "imagenet",
+        train,
+        argv,
+        preset_help="local | imagenet | a preset name or YAML path",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    run_with_errors(lambda: train(args.preset, args.overrides))
 
 
 if __name__ == "__main__":

@@ -136,12 +136,32 @@ def run_with_errors(func: Callable[[], None]) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def _configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def job_main(
+    doc: str,
+    default_preset: str,
+    run: Callable[[str, Sequence[str]], None],
+    argv: Sequence[str] | None = None,
+    preset_help: str = "preset name or YAML path",
+) -> None:
+    """The command line of a ``jobs/*.py`` script: ``[--preset NAME] [key.sub=value ...]``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--preset", default=default_preset, help=preset_help)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    _configure_logging()
+    run_with_errors(lambda: run(args.preset, args.overrides))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
     run_with_errors(lambda: args.func(args))
 
 
