@@ -25,6 +25,7 @@ from ray_ssl.data.stream import (
     load_labelled_arrays,
     read_samples,
     to_batch_contract,
+    view_batch_rows,
 )
 from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
 from ray_ssl.data.views import crop_counts
@@ -147,6 +148,33 @@ def test_batch_contract_is_crop_major():
     )
     single["global_crops"] += 1  # never a view of the (read-only) host batch
     assert batch["global_crops"][0, 0, 0, 0, 0] == 0
+
+
+def test_batch_contract_from_row_pieces_equals_the_whole_batch():
+    rng = np.random.default_rng(0)
+    batch = {
+        "global_crops": rng.integers(0, 256, (7, 2, 6, 6, 3), dtype=np.uint8),
+        "local_crops": rng.integers(0, 256, (7, 3, 4, 4, 3), dtype=np.uint8),
+        "masks": rng.random((7, 2, 9)) < 0.5,
+        "idx": np.arange(7),
+        "label": np.arange(7) % 3,
+    }
+    pieces = [{k: v[a:b] for k, v in batch.items()} for a, b in ((0, 3), (3, 4), (4, 7))]
+    whole, joined = to_batch_contract(batch, CPU), to_batch_contract(pieces, CPU)
+    for name, tensor in whole.items():
+        assert torch.equal(joined[name], tensor), name
+
+
+@pytest.mark.parametrize("batch", [16, 32, 48, 64, 100])
+@pytest.mark.parametrize("samples", [160, 960, 60000])
+def test_decode_blocks_fill_batches_and_keep_every_cpu_busy(batch, samples):
+    franca = ViewConfig(kind="multicrop", mask="cyclic")
+    rows = view_batch_rows(franca, batch, samples, cpus=2)
+    assert batch % rows == 0 or rows % batch == 0  # whole blocks make whole batches
+    n_global, n_local = crop_counts(franca)
+    block_bytes = rows * 3 * (n_global * 224**2 + n_local * 98**2)
+    assert block_bytes <= max(32 << 20, 8 * 3 * (n_global * 224**2 + n_local * 98**2))
+    assert samples // rows >= 2 * 4 or rows <= 8  # at least 4 tasks per CPU when it can
 
 
 def _shard_sequence(idx: list[int], per_shard: int) -> list[int]:

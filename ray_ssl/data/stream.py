@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from PIL import Image
+from ray.data.block import BlockAccessor
 
 from ray_ssl.config import DataConfig, StorageConfig, ViewConfig
 from ray_ssl.data.datasource import UNKNOWN_LABEL, ShardSetDatasource, epoch_seed
@@ -32,18 +34,33 @@ from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES_FOR_CORRUPT_CHECK = 256  # below this many samples one bad file is not yet a rate
-TARGET_VIEW_BLOCK_BYTES = 32 << 20  # output size of one decode+views batch
+TARGET_VIEW_BLOCK_BYTES = 32 << 20  # most output of one decode+views task
 MIN_VIEW_BATCH, MAX_VIEW_BATCH = 8, 1024
+MIN_TASKS_PER_CPU = 4  # per pass, so that CPUs idle at a pass's end waste at most 1/8 of it
 CROP_COLUMNS = ("global_crops", "local_crops", "masks")
 
 
-def _view_batch_rows(views: ViewConfig) -> int:
-    """Rows per decode+views batch so that one output block is about TARGET_VIEW_BLOCK_BYTES."""
+def view_batch_rows(views: ViewConfig, batch_rows: int, samples: int, cpus: int) -> int:
+    """Rows per decode+views task.
+
+    At most ``TARGET_VIEW_BLOCK_BYTES`` of output, and few enough rows that each of ``cpus`` gets
+    ``MIN_TASKS_PER_CPU`` tasks in a pass of ``samples``; then a multiple or a divisor of the
+    consumer's ``batch_rows``, so that whole blocks fill batches. Measured on 2 CPUs
+    (benchmarks/data_throughput.py): 32-row tasks beat 16 by 4% on 960 images, and 16 beat 32
+    by 11% on 160, where 5 tasks of 32 leave a CPU idle for the last one.
+    """
     n_global, n_local = crop_counts(views)
     per_sample = views.channels * (n_global * views.global_size**2 + n_local * views.local_size**2)
-    return int(
-        np.clip(TARGET_VIEW_BLOCK_BYTES // max(per_sample, 1), MIN_VIEW_BATCH, MAX_VIEW_BATCH)
+    limit = min(
+        TARGET_VIEW_BLOCK_BYTES // max(per_sample, 1),
+        samples // max(MIN_TASKS_PER_CPU * cpus, 1),
+        MAX_VIEW_BATCH,
     )
+    limit = max(limit, MIN_VIEW_BATCH)
+    if limit >= batch_rows:
+        return batch_rows * (limit // batch_rows)
+    divisor = max(d for d in range(1, limit + 1) if batch_rows % d == 0)
+    return divisor if divisor >= MIN_VIEW_BATCH else limit
 
 
 def _read_raw(
@@ -81,22 +98,36 @@ def _read_raw(
 
 
 def build_train_dataset(
-    data: DataConfig, views: ViewConfig, storage: StorageConfig, epoch: int = 0
+    data: DataConfig,
+    views: ViewConfig,
+    storage: StorageConfig,
+    epoch: int = 0,
+    consumer_batch: int | None = None,
 ) -> ray.data.Dataset:
     """Shards -> decoded views, shard order shuffled per epoch.
 
     The dataset can be iterated many times (one Train epoch each); the first iteration reads
     epoch ``epoch`` (pass the resume epoch here) and each later one the next epoch's order.
+    ``consumer_batch`` is the batch each consumer takes (default ``data.batch_size``); decode
+    blocks are sized to fill it evenly.
     """
     manifest = read_manifest(data.uri, storage)
+    cpus = data.decode_concurrency or int(ray.cluster_resources().get("CPU", 1))
+    rows = view_batch_rows(views, consumer_batch or data.batch_size, manifest.count, cpus)
     raw = _read_raw(data.uri, manifest, storage, data.reader, data.shuffle_seed, epoch)
-    return raw.map_batches(
+    dataset = raw.map_batches(
         build_views_batch,
         fn_kwargs={"views": views},
-        batch_size=_view_batch_rows(views),
+        batch_size=rows,
         batch_format="numpy",
         concurrency=data.decode_concurrency,
     )
+    # Ray Data's per-operator reservation held decode+views to about one task at a time on a
+    # 2-CPU node (benchmarks/data_throughput.py: 66 -> 99 img/s with it off). This pipeline is
+    # one CPU-heavy operator behind a cheap read, so a reservation only idles CPUs; the global
+    # CPU and object-store limits still hold. The dataset's own context scopes the change.
+    dataset.context.op_resource_reservation_enabled = False
+    return dataset
 
 
 @dataclass
@@ -111,14 +142,21 @@ class DataStats:
         return self.corrupt / self.seen if self.seen else 0.0
 
 
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+Rows = dict[str, np.ndarray]
 
 
-def _take(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {name: column[start:stop] for name, column in batch.items()}
+def _split_rows(parts: list[Rows], n: int) -> tuple[list[Rows], list[Rows]]:
+    """The first ``n`` rows of ``parts`` and the rest, as slices (no copy)."""
+    head: list[Rows] = []
+    for i, part in enumerate(parts):
+        rows = len(part["idx"])
+        if rows >= n:
+            head.append({name: column[:n] for name, column in part.items()})
+            rest = [{name: column[n:] for name, column in part.items()}] if rows > n else []
+            return head, rest + parts[i + 1 :]
+        head.append(part)
+        n -= rows
+    raise ValueError(f"{n} rows missing from the parts to split")
 
 
 class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
@@ -169,65 +207,84 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
                 f"(mask: {self.views.mask}); build the dataset with the method's view spec"
             )
 
-    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
-        pending: list[dict[str, np.ndarray]] = []
-        pending_rows = 0
-        for batch in self.shard.iter_batches(
-            batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch_batches
+    def _blocks(self) -> Iterator[Rows]:
+        """The shard's blocks as numpy columns, one per Arrow chunk: a block assembled from
+        several chunks is not combined (a copy of every crop) before it is cut into batches."""
+        for table in self.shard.iter_batches(
+            batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_batches
         ):
+            for chunk in table.to_batches():
+                yield BlockAccessor.for_block(pa.Table.from_batches([chunk])).to_numpy()
+
+    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Whole blocks: cutting them into batches here, straight into the batch contract,
+        # saves Ray's batcher a copy of every crop (profiled in the consumer).
+        pending: list[Rows] = []
+        pending_rows = 0
+        for block in self._blocks():
             if self.stats.seen == 0:
-                self._check_views(batch)
-            corrupt = batch.pop("corrupt")
+                self._check_views(block)
+            corrupt = block.pop("corrupt")
             bad = int(corrupt.sum())
             self.stats.seen += len(corrupt)
             self.stats.corrupt += bad
             self._check_corrupt_rate(final=False)
             if bad:
-                batch = {name: column[~corrupt] for name, column in batch.items()}
-            pending.append(batch)
-            pending_rows += len(corrupt) - bad
+                block = {name: column[~corrupt] for name, column in block.items()}
+            if len(corrupt) > bad:
+                pending.append(block)
+                pending_rows += len(corrupt) - bad
             while pending_rows >= self.batch_size:
-                merged = _concat(pending)
-                yield to_batch_contract(_take(merged, 0, self.batch_size), self.device)
+                batch, pending = _split_rows(pending, self.batch_size)
                 pending_rows -= self.batch_size
-                pending = (
-                    [_take(merged, self.batch_size, len(merged["idx"]))] if pending_rows else []
-                )
+                yield to_batch_contract(batch, self.device)
         self._check_corrupt_rate(final=True)
         if pending_rows and not self.drop_last:
-            yield to_batch_contract(_concat(pending), self.device)
+            yield to_batch_contract(pending, self.device)
 
 
-def _owned(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``tensor``, copied if it still aliases ``source`` (read-only Arrow memory)."""
-    shares = tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
-    return tensor.clone() if shares else tensor
-
-
-def to_batch_contract(
-    batch: dict[str, np.ndarray], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Per-sample numpy columns ([B,V,H,W,C] crops, [B,V,Np] masks) -> the batch contract on
-    ``device``: crop-major [V*B,C,H,W] uint8 crops (row v*B+b is view v of sample b), [V*B,Np]
-    masks, int64 idx and label. The layout change happens on the device, in one copy."""
-    pin = device.type == "cuda"
-    out: dict[str, torch.Tensor] = {}
+def _crop_major(pieces: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Per-sample pieces ([b,V,H,W,C] crops or [b,V,Np] masks), in order -> one crop-major
+    tensor on ``device`` ([V*B,C,H,W] or [V*B,Np]) with one copy on the host: on CPU each piece
+    is permuted straight into the output; for CUDA the pieces are packed into pinned memory and
+    permuted on the device."""
+    first = pieces[0]
+    total, views, inner = sum(len(p) for p in pieces), first.shape[1], first.shape[2:]
+    image = first.ndim == 5
     with warnings.catch_warnings():  # Arrow-backed arrays are read-only; nothing writes to them
         warnings.simplefilter("ignore", UserWarning)
-        for name in CROP_COLUMNS:
-            if name not in batch:
-                continue
-            host = torch.from_numpy(batch[name])
-            moved = (host.pin_memory() if pin else host).to(device, non_blocking=True)
-            n, views = moved.shape[:2]
-            if name == "masks":
-                layout = moved.transpose(0, 1).reshape(views * n, -1)
-            else:  # [B,V,H,W,C] -> [V,B,C,H,W] -> [V*B,C,H,W]
-                channels, size = moved.shape[4:], moved.shape[2:4]
-                layout = moved.permute(1, 0, 4, 2, 3).reshape(views * n, *channels, *size)
-            out[name] = _owned(layout.contiguous(), host)
+        hosts = [torch.from_numpy(p) for p in pieces]
+    if device.type == "cuda":
+        packed = torch.empty((total, views, *inner), dtype=hosts[0].dtype, pin_memory=True)
+        torch.cat(hosts, out=packed)
+        moved = packed.to(device, non_blocking=True)
+        layout = moved.permute(1, 0, 4, 2, 3) if image else moved.transpose(0, 1)
+        return layout.reshape(views * total, *layout.shape[2:])
+    shape = (views, total, inner[2], *inner[:2]) if image else (views, total, *inner)
+    out = torch.empty(shape, dtype=hosts[0].dtype)
+    start = 0
+    for host in hosts:
+        stop = start + len(host)
+        out[:, start:stop] = host.permute(1, 0, 4, 2, 3) if image else host.transpose(0, 1)
+        start = stop
+    return out.reshape(views * total, *shape[2:]).to(device)
+
+
+def to_batch_contract(batch: Rows | list[Rows], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-sample numpy columns ([B,V,H,W,C] crops, [B,V,Np] masks), as one dict or as row
+    pieces in order, -> the batch contract on ``device``: crop-major [V*B,C,H,W] uint8 crops
+    (row v*B+b is view v of sample b), [V*B,Np] masks, int64 idx and label. The crops are new
+    tensors, never views of the (read-only) input."""
+    parts = [batch] if isinstance(batch, dict) else batch
+    device = torch.device(device)
+    out = {
+        name: _crop_major([p[name] for p in parts], device)
+        for name in CROP_COLUMNS
+        if name in parts[0]
+    }
     for name in ("idx", "label"):
-        out[name] = torch.tensor(batch[name], dtype=torch.int64).to(device, non_blocking=True)
+        values = np.concatenate([p[name] for p in parts])
+        out[name] = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
     return out
 
 

@@ -86,7 +86,11 @@ class PassStream:
         splits = None
         if self.rank == 0:
             dataset = build_train_dataset(
-                self.config.data, self.views, self.config.storage, epoch=self.pass_index
+                self.config.data,
+                self.views,
+                self.config.storage,
+                epoch=self.pass_index,
+                consumer_batch=self.per_worker_batch,
             )
             # The order within a pass is then a function of (seed, pass) for exact resumes.
             dataset.context.execution_options.preserve_order = True
