@@ -3,15 +3,15 @@
 Both pipelines read the SAME shards (natural JPEG crops cut from scikit-learn's two sample
 photos), do the SAME decode and views (``ray_ssl.data.views``: Franca multi-crop 2x224 + 8x98 with
 CyclicMask) with the same number of CPU workers, and deliver the same batch contract (crop-major
-uint8 tensors). Each is timed over a second, warm epoch; images per CPU-second of the whole
-process tree is printed too, since wall-clock rates on a shared machine depend on how much CPU
-the other programs leave (a fair scheduler favours the pipeline with more processes).
+uint8 tensors). Each is timed over warm epochs after a cold one (the median counts); images per
+CPU-second of the whole process tree is printed too, since wall-clock rates on a shared machine
+depend on how much CPU the other programs leave (a fair scheduler favours more processes).
 Also printed: decode + views per CPU-second with our PIL implementation and with an equivalent
 torchvision.transforms.v2 pipeline on uint8 tensors, and raw read throughput of
 ``ray.data.read_webdataset`` against our block datasource.
 
-Last line: ``ray_data_vs_dataloader=<ours / DataLoader, wall-clock images/s in a warm epoch>``,
-the issue's figure; measure it on an otherwise idle machine. The line before gives images per
+Last line: ``ray_data_vs_dataloader=<ours / DataLoader, median warm-epoch images/s>``, the
+issue's figure; measure it on an otherwise idle machine. The line before gives images per
 CPU-second of each pipeline's process tree, which does not move with other programs' load and
 is the figure to compare when the machine is shared.
 Usage: ``python benchmarks/data_throughput.py [--quick] [--workers 2]``.
@@ -42,6 +42,7 @@ FRANCA_VIEWS = ViewConfig(kind="multicrop", mask="cyclic")  # 2 x 224 + 8 x 98, 
 BATCH = 32
 READ_SAMPLES = {True: 8000, False: 40000}  # small PNGs for the reader comparison (quick, full)
 READ_REPEATS = 3  # full mode: best of three reads per reader
+WARM_EPOCHS = {True: 1, False: 3}  # epochs timed after the cold one (quick, full)
 
 
 def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> None:
@@ -81,22 +82,25 @@ def tree_cpu_seconds() -> float:
 @dataclass
 class EpochRates:
     cold: float  # images/s of the first epoch (worker start-up, imports)
-    warm: float  # images/s of the second epoch, on warm workers, pipeline fill included
-    per_cpu_second: float  # images per CPU-second of the whole process tree, warm epoch
+    warm: float  # median images/s of the later epochs on warm workers, pipeline fill included
+    per_cpu_second: float  # images per CPU-second of the whole process tree, warm epochs
     images: int
 
 
-def warm_epoch_rate(epochs: Callable[[], Iterable[dict]]) -> EpochRates:
-    """Two epochs; the second measures throughput on warm workers. Images per CPU-second does
-    not depend on how much CPU other programs leave us, wall-clock images/s does."""
-    rates, cpu = [], 0.0
-    for _ in range(2):
+def warm_epoch_rate(epochs: Callable[[], Iterable[dict]], warm_epochs: int) -> EpochRates:
+    """A cold epoch, then ``warm_epochs`` on warm workers; the median of those is the figure,
+    as single epochs on a 2-core machine vary by a few percent. Images per CPU-second does not
+    depend on how much CPU other programs leave, wall-clock images/s does."""
+    rates, cpu, warm_images = [], 0.0, 0
+    for epoch in range(1 + warm_epochs):
         start, cpu_start, images = time.perf_counter(), tree_cpu_seconds(), 0
         for batch in epochs():
             images += int(batch["idx"].shape[0])
         rates.append(images / (time.perf_counter() - start))
-        cpu = tree_cpu_seconds() - cpu_start
-    return EpochRates(rates[0], rates[1], images / cpu, images)
+        if epoch:
+            cpu += tree_cpu_seconds() - cpu_start
+            warm_images += images
+    return EpochRates(rates[0], float(np.median(rates[1:])), warm_images / cpu, images)
 
 
 def ray_pipeline(uri: str, views: ViewConfig, reader: str) -> Callable[[], Iterable[dict]]:
@@ -247,7 +251,7 @@ def main() -> None:
               f"tensors {tv2:.1f} img/CPU-s, PIL/tv2 = {pil / tv2:.2f}")  # fmt: skip
 
         loader = dataloader_pipeline(uri, manifest, FRANCA_VIEWS, args.workers)
-        dataloader = warm_epoch_rate(loader)
+        dataloader = warm_epoch_rate(loader, WARM_EPOCHS[args.quick])
         print(f"webdataset + DataLoader ({args.workers} workers): {dataloader.warm:.1f} img/s "
               f"warm epoch ({dataloader.per_cpu_second:.1f} img/CPU-s), {dataloader.cold:.1f} "
               f"img/s first epoch ({dataloader.images} images per epoch)")  # fmt: skip
@@ -258,7 +262,9 @@ def main() -> None:
         try:
             results = {}
             for reader in ("blocks",) if args.quick else ("blocks", "ray_webdataset"):
-                rates = warm_epoch_rate(ray_pipeline(uri, FRANCA_VIEWS, reader))
+                rates = warm_epoch_rate(
+                    ray_pipeline(uri, FRANCA_VIEWS, reader), WARM_EPOCHS[args.quick]
+                )
                 results[reader] = rates
                 print(f"Ray Data, reader={reader} ({args.workers} CPUs): {rates.warm:.1f} img/s "
                       f"warm epoch ({rates.per_cpu_second:.1f} img/CPU-s), {rates.cold:.1f} img/s "
@@ -281,7 +287,7 @@ def main() -> None:
         finally:
             ray.shutdown()
         ours = results["blocks"]
-        print(f"wall clock, warm epoch: Ray Data {ours.warm:.1f} img/s, DataLoader "
+        print(f"wall clock, warm epochs (median): Ray Data {ours.warm:.1f} img/s, DataLoader "
               f"{dataloader.warm:.1f} img/s")  # fmt: skip
         print(f"per core used: Ray Data {ours.per_cpu_second:.1f} img/s/core, DataLoader "
               f"{dataloader.per_cpu_second:.1f} img/s/core, ratio "
