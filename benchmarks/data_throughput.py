@@ -253,7 +253,7 @@ def main() -> None:
         loader = dataloader_pipeline(uri, manifest, FRANCA_VIEWS, args.workers)
         dataloader = warm_epoch_rate(loader, WARM_EPOCHS[args.quick])
         print(f"webdataset + DataLoader ({args.workers} workers): {dataloader.warm:.1f} img/s "
-              f"warm epoch ({dataloader.per_cpu_second:.1f} img/CPU-s), {dataloader.cold:.1f} "
+              f"warm median ({dataloader.per_cpu_second:.1f} img/CPU-s), {dataloader.cold:.1f} "
               f"img/s first epoch ({dataloader.images} images per epoch)")  # fmt: skip
 
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
@@ -267,7 +267,7 @@ def main() -> None:
                 )
                 results[reader] = rates
                 print(f"Ray Data, reader={reader} ({args.workers} CPUs): {rates.warm:.1f} img/s "
-                      f"warm epoch ({rates.per_cpu_second:.1f} img/CPU-s), {rates.cold:.1f} img/s "
+                      f"warm median ({rates.per_cpu_second:.1f} img/CPU-s), {rates.cold:.1f} img/s "
                       f"first epoch ({rates.images} images per epoch)")  # fmt: skip
             small_uri = f"{tmp}/small"
             small = ShardsConfig(source="synthetic", synthetic_count=READ_SAMPLES[args.quick],
