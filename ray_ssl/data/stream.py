@@ -132,7 +132,8 @@ def build_train_dataset(
 
 @dataclass
 class DataStats:
-    """Samples this iterator has seen (corrupt ones included) and corrupt samples skipped."""
+    """Samples this iterator has delivered in batches plus the corrupt ones it skipped, and
+    those corrupt samples."""
 
     seen: int = 0
     corrupt: int = 0
@@ -219,14 +220,16 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
     def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
         # Whole blocks: cutting them into batches here, straight into the batch contract,
         # saves Ray's batcher a copy of every crop (profiled in the consumer).
+        # Good rows count as seen when a batch delivers them, so that rows read ahead and
+        # buffered here are not counted twice across a resume.
         pending: list[Rows] = []
         pending_rows = 0
-        for block in self._blocks():
-            if self.stats.seen == 0:
+        for number, block in enumerate(self._blocks()):
+            if number == 0:
                 self._check_views(block)
             corrupt = block.pop("corrupt")
             bad = int(corrupt.sum())
-            self.stats.seen += len(corrupt)
+            self.stats.seen += bad
             self.stats.corrupt += bad
             self._check_corrupt_rate(final=False)
             if bad:
@@ -237,9 +240,11 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
             while pending_rows >= self.batch_size:
                 batch, pending = _split_rows(pending, self.batch_size)
                 pending_rows -= self.batch_size
+                self.stats.seen += self.batch_size
                 yield to_batch_contract(batch, self.device)
         self._check_corrupt_rate(final=True)
         if pending_rows and not self.drop_last:
+            self.stats.seen += pending_rows
             yield to_batch_contract(pending, self.device)
 
 
