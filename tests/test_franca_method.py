@@ -173,9 +173,10 @@ def test_ema_math_and_low_precision_warning() -> None:
 
     torch.manual_seed(3)
     teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(
-        teacher.parameters(), student.parameters(), strict=True
-    )]
+    expected = [
+        0.9 * t.detach() + 0.1 * s.detach()
+        for t, s in zip(teacher.parameters(), student.parameters(), strict=True)
+    ]
     ema_update_(teacher, student, 0.9)
     for got, want in zip(teacher.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want)

@@ -126,8 +126,12 @@ def _check_franca_steps(deepspeed: Any, ds_config: dict[str, Any], out_dir: str)
 
 def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        DS_ACCELERATOR="cpu",
     )
     torch.set_num_threads(1)
     import deepspeed

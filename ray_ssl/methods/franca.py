@@ -91,12 +91,20 @@ class FrancaMethod(Method):
             {
                 "backbone": backbone,
                 "dino_head": MatryoshkaHeads(
-                    dim, f.prototypes, f.head_hidden_dim, f.head_bottleneck_dim,
-                    f.head_layers, f.nesting_levels,
+                    dim,
+                    f.prototypes,
+                    f.head_hidden_dim,
+                    f.head_bottleneck_dim,
+                    f.head_layers,
+                    f.nesting_levels,
                 ),
                 "ibot_head": MatryoshkaHeads(
-                    dim, f.ibot_prototypes, f.head_hidden_dim, f.ibot_head_bottleneck_dim,
-                    f.head_layers, f.nesting_levels,
+                    dim,
+                    f.ibot_prototypes,
+                    f.head_hidden_dim,
+                    f.ibot_head_bottleneck_dim,
+                    f.head_layers,
+                    f.nesting_levels,
                 ),
             }
         )
