@@ -38,7 +38,7 @@ DEEPSPEED_MODEL_STATES = "ds/mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole 
 def prepare_config(preset: str, overrides: Sequence[str]) -> Config:
     """Resolve the preset, write built-in shards if missing, and pin N to the shard set."""
     from ray_ssl.data.shards import ensure_shard_set, read_manifest
-    from ray_ssl.data.storage import resolve
+    from ray_ssl.storage import resolve
 
     config = load_config(PRESET_ALIASES.get(preset, preset), list(overrides))
     if config.shards.source in BUILTIN_SOURCES:
@@ -64,8 +64,8 @@ def load_trained_method(config: Config, checkpoint_uri: str):
     """The InstDisc network with the weights of a finished run's checkpoint (on the driver)."""
     import torch
 
-    from ray_ssl.data.storage import resolve
     from ray_ssl.methods.instdisc import InstDiscMethod
+    from ray_ssl.storage import resolve
 
     method = InstDiscMethod(config, steps_per_epoch=1, total_steps=1)  # inference only
     loc = resolve(checkpoint_uri, config.storage)

@@ -23,7 +23,7 @@ from ray_ssl.curation.errors import CurationError
 from ray_ssl.curation.pipeline import read_curated, run_curation
 from ray_ssl.curation.table import load_embeddings
 from ray_ssl.data.shards import Manifest, iter_shard, read_manifest, write_shard_set
-from ray_ssl.data.storage import read_bytes, resolve
+from ray_ssl.storage import read_bytes, resolve
 
 STORAGE = StorageConfig()
 PNG_MAGIC = b"\x89PNG"

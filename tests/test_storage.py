@@ -8,7 +8,7 @@ import pytest
 
 from ray_ssl.config import ShardsConfig, StorageConfig
 from ray_ssl.data.shards import inspect_shard_set, read_manifest, write_shard_set
-from ray_ssl.data.storage import (
+from ray_ssl.storage import (
     StorageError,
     atomic_write,
     check_reachable,

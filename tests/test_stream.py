@@ -18,7 +18,6 @@ from ray_ssl.config import DataConfig, ShardsConfig, StorageConfig, ViewConfig
 from ray_ssl.data.datasource import ShardSetDatasource, shard_order
 from ray_ssl.data.errors import CorruptDataError
 from ray_ssl.data.shards import iter_shard, read_manifest, write_shard_set
-from ray_ssl.data.storage import resolve
 from ray_ssl.data.stream import (
     build_train_dataset,
     iter_worker_batches,
@@ -29,6 +28,7 @@ from ray_ssl.data.stream import (
 )
 from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
 from ray_ssl.data.views import crop_counts
+from ray_ssl.storage import resolve
 
 STORAGE = StorageConfig()
 CPU = torch.device("cpu")

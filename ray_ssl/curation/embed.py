@@ -30,14 +30,14 @@ from ray_ssl.curation.errors import CurationError
 from ray_ssl.data.datasource import read_shard_rows
 from ray_ssl.data.decode import decode_rows
 from ray_ssl.data.shards import Manifest, ShardInfo
-from ray_ssl.data.storage import (
+from ray_ssl.models.vit import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
+from ray_ssl.storage import (
     atomic_write,
     pin_endpoint,
     read_bytes,
     resolve,
     write_bytes_atomic,
 )
-from ray_ssl.models.vit import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import numpy as np
 from ray_ssl.config import StorageConfig
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.data.shards import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, iter_shard
-from ray_ssl.data.storage import atomic_write, pin_endpoint, resolve, write_bytes_atomic
 from ray_ssl.data.tario import TarSample, write_tar
+from ray_ssl.storage import atomic_write, pin_endpoint, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from ray_ssl.curation.sampling import Selection, hierarchical_sample
 from ray_ssl.curation.table import EmbeddingTable, load_embeddings
 from ray_ssl.data.errors import ShardError
 from ray_ssl.data.shards import Manifest, ensure_shard_set, read_manifest
-from ray_ssl.data.storage import read_bytes, resolve, write_bytes_atomic
+from ray_ssl.storage import read_bytes, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from ray_ssl.config import StorageConfig
 from ray_ssl.curation.blocks import Executor, PointSet
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.data.storage import pin_endpoint, resolve
+from ray_ssl.storage import pin_endpoint, resolve
 
 
 @dataclass

@@ -23,8 +23,8 @@ from ray.data.context import DataContext
 
 from ray_ssl.config import StorageConfig
 from ray_ssl.data.shards import Manifest, ShardInfo, iter_shard
-from ray_ssl.data.storage import resolve
 from ray_ssl.data.tario import TruncatedShardError
+from ray_ssl.storage import resolve
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from ray_ssl.config import ShardsConfig, StorageConfig
 from ray_ssl.data.errors import ShardError
 from ray_ssl.data.sources import open_source
-from ray_ssl.data.storage import (
+from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
+from ray_ssl.storage import (
     Location,
     StorageError,
     atomic_write,
@@ -28,7 +29,6 @@ from ray_ssl.data.storage import (
     resolve,
     write_bytes_atomic,
 )
-from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from ray_ssl.data.datasource import UNKNOWN_LABEL, ShardSetDatasource, epoch_see
 from ray_ssl.data.decode import build_views_batch, decode_rows
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.shards import Manifest, iter_shard, read_manifest
-from ray_ssl.data.storage import Location, pin_endpoint, resolve
 from ray_ssl.data.tario import TarSample, TruncatedShardError
 from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image
+from ray_ssl.storage import Location, pin_endpoint, resolve
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from ray.util.placement_group import get_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_ssl.config import StorageConfig
-from ray_ssl.data.storage import resolve
 from ray_ssl.memory_bank.shard import DTYPES, BankShard, MemoryBankError, snapshot_name
+from ray_ssl.storage import resolve
 
 log = logging.getLogger(__name__)
 

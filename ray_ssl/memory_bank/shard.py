@@ -17,8 +17,8 @@ import re
 import numpy as np
 
 from ray_ssl.config import StorageConfig
-from ray_ssl.data.storage import atomic_write, read_bytes, resolve, write_bytes_atomic
 from ray_ssl.errors import UserError
+from ray_ssl.storage import atomic_write, read_bytes, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

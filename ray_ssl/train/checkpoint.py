@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ray_ssl.config import Config, StorageConfig, to_dict
-from ray_ssl.data.storage import resolve, write_bytes_atomic
 from ray_ssl.errors import UserError
+from ray_ssl.storage import resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def load_exported_backbone(uri: str, storage: StorageConfig | None = None) -> nn
     import timm
     from safetensors.torch import load
 
-    from ray_ssl.data.storage import read_bytes
+    from ray_ssl.storage import read_bytes
 
     loc = resolve(uri, storage)
     meta = json.loads(read_bytes(loc.join(EXPORT_META)))

@@ -20,7 +20,7 @@ from typing import Any
 
 from ray_ssl.config import Config, ConfigError, to_dict
 from ray_ssl.data.shards import Manifest, read_manifest
-from ray_ssl.data.storage import read_bytes, resolve, s3_options, write_bytes_atomic
+from ray_ssl.storage import read_bytes, resolve, s3_options, write_bytes_atomic
 from ray_ssl.train.checkpoint import STATE_FILE, CheckpointError, TrainState
 from ray_ssl.train.loop import EXPORT_DIR, LoopPlan, loop_config_for, train_loop_per_worker
 
