@@ -3,18 +3,18 @@
 Both pipelines read the SAME shards (natural JPEG crops cut from scikit-learn's two sample
 photos), do the SAME decode and views (``ray_ssl.data.views``: Franca multi-crop 2x224 + 8x98 with
 CyclicMask) with the same number of CPU workers, and deliver the same batch contract (crop-major
-uint8 tensors). Each is timed over warm epochs after a cold one (the median counts); images per
-CPU-second of the whole process tree is printed too, since wall-clock rates on a shared machine
-depend on how much CPU the other programs leave (a fair scheduler favours more processes).
-Also printed: decode + views per CPU-second with our PIL implementation and with an equivalent
-torchvision.transforms.v2 pipeline on uint8 tensors, and raw read throughput of
-``ray.data.read_webdataset`` against our block datasource.
+uint8 tensors) for every image of the epoch. After one cold epoch each, the pipelines run in
+rounds of one warm epoch each, the order rotating every round, so that both see the same machine
+(on a shared host the speed of a core drifts by tens of percent within a minute). Each round
+gives a ratio of the two epochs' images/s; the figure is the median of those ratios. The Ray
+cluster stays up through the DataLoader's epochs too (idle, it uses about 0.045 cores).
+Images per CPU-second of the whole process tree is printed as well. Also printed: decode + views
+per CPU-second with our PIL implementation and with an equivalent torchvision.transforms.v2
+pipeline on uint8 tensors, and raw read throughput of ``ray.data.read_webdataset`` against our
+block datasource.
 
-Last line: ``ray_data_vs_dataloader=<ours / DataLoader, median warm-epoch images/s>``, the
-issue's figure; measure it on an otherwise idle machine. The line before gives images per
-CPU-second of each pipeline's process tree, which does not move with other programs' load and
-is the figure to compare when the machine is shared.
-Usage: ``python benchmarks/data_throughput.py [--quick] [--workers 2]``.
+Last line: ``ray_data_vs_dataloader=<median over rounds of ours / DataLoader images/s>``, the
+issue's figure. Usage: ``python benchmarks/data_throughput.py [--quick] [--workers 2]``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,10 @@ CROP_SIDES = (256, 480)  # random JPEG sizes cut from the sample photos (clipped
 JPEG_QUALITY = 90
 FRANCA_VIEWS = ViewConfig(kind="multicrop", mask="cyclic")  # 2 x 224 + 8 x 98, patch 14
 BATCH = 32
-READ_SAMPLES = {True: 8000, False: 40000}  # small PNGs for the reader comparison (quick, full)
+READ_SAMPLES = {True: 4000, False: 40000}  # small PNGs for the reader comparison (quick, full)
 READ_REPEATS = 3  # full mode: best of three reads per reader
-WARM_EPOCHS = {True: 1, False: 3}  # epochs timed after the cold one (quick, full)
+VIEW_SAMPLES = {True: 24, False: 128}  # JPEGs for the one-core PIL vs torchvision comparison
+ROUNDS = {True: 3, False: 5}  # warm epochs timed per pipeline, interleaved (quick, full)
 
 
 def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> None:
@@ -79,28 +80,52 @@ def tree_cpu_seconds() -> float:
     return total
 
 
+Epochs = Callable[[], Iterable[dict]]
+
+
+def timed_epoch(epochs: Epochs) -> tuple[int, float, float]:
+    """Images, wall seconds and process-tree CPU seconds of one epoch."""
+    start, cpu_start, images = time.perf_counter(), tree_cpu_seconds(), 0
+    for batch in epochs():
+        images += int(batch["idx"].shape[0])
+    return images, time.perf_counter() - start, tree_cpu_seconds() - cpu_start
+
+
 @dataclass
-class EpochRates:
-    cold: float  # images/s of the first epoch (worker start-up, imports)
-    warm: float  # median images/s of the later epochs on warm workers, pipeline fill included
-    per_cpu_second: float  # images per CPU-second of the whole process tree, warm epochs
+class PipelineRates:
+    """Per warm epoch of one pipeline, in round order."""
+
     images: int
+    rates: list[float] = field(default_factory=list)  # images/s, pipeline fill included
+    cpu_seconds: float = 0.0
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.rates))
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.images * len(self.rates) / self.cpu_seconds
 
 
-def warm_epoch_rate(epochs: Callable[[], Iterable[dict]], warm_epochs: int) -> EpochRates:
-    """A cold epoch, then ``warm_epochs`` on warm workers; the median of those is the figure,
-    as single epochs on a 2-core machine vary by a few percent. Images per CPU-second does not
-    depend on how much CPU other programs leave, wall-clock images/s does."""
-    rates, cpu, warm_images = [], 0.0, 0
-    for epoch in range(1 + warm_epochs):
-        start, cpu_start, images = time.perf_counter(), tree_cpu_seconds(), 0
-        for batch in epochs():
-            images += int(batch["idx"].shape[0])
-        rates.append(images / (time.perf_counter() - start))
-        if epoch:
-            cpu += tree_cpu_seconds() - cpu_start
-            warm_images += images
-    return EpochRates(rates[0], float(np.median(rates[1:])), warm_images / cpu, images)
+def interleaved_rates(pipelines: dict[str, Epochs], rounds: int) -> dict[str, PipelineRates]:
+    """``rounds`` warm epochs of each pipeline, one of each per round, the order rotated by one
+    every round so no pipeline always runs first or last (drift in machine speed cancels)."""
+    names = list(pipelines)
+    results: dict[str, PipelineRates] = {}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            images, wall, cpu = timed_epoch(pipelines[name])
+            result = results.setdefault(name, PipelineRates(images))
+            result.rates.append(images / wall)
+            result.cpu_seconds += cpu
+    return results
+
+
+def median_ratio(ours: PipelineRates, baseline: PipelineRates) -> float:
+    """Median over rounds of ours / baseline images/s within the same round."""
+    return float(np.median([a / b for a, b in zip(ours.rates, baseline.rates, strict=True)]))
 
 
 def ray_pipeline(uri: str, views: ViewConfig, reader: str) -> Callable[[], Iterable[dict]]:
@@ -149,7 +174,7 @@ def dataloader_pipeline(uri: str, manifest: Manifest, views: ViewConfig, workers
         batch_size=BATCH,
         num_workers=workers,
         collate_fn=_collate,
-        drop_last=True,
+        drop_last=False,  # every image of the epoch is delivered and counted, as in ours
         persistent_workers=True,
     )
     return lambda: iter(loader)
@@ -219,6 +244,32 @@ def read_only(uri: str, manifest: Manifest, reader: str, repeats: int) -> tuple[
     return best_wall, best_cpu
 
 
+def print_cold_epoch(name: str, epochs: Epochs) -> None:
+    """The first epoch, which starts the workers and imports; not part of the figure."""
+    images, wall, _ = timed_epoch(epochs)
+    print(f"{name}: cold epoch {images / wall:.1f} img/s ({images} images)")
+
+
+def print_raw_reads(uri: str, manifest: Manifest, tmp: str, quick: bool) -> None:
+    """Raw read throughput, no decode: our block datasource against read_webdataset, on the
+    JPEG set and on many small PNGs (where per-sample overhead shows, ray issue 65350)."""
+    small_uri = f"{tmp}/small"
+    small = ShardsConfig(source="synthetic", synthetic_count=READ_SAMPLES[quick],
+                         synthetic_size=32, samples_per_shard=1000)  # fmt: skip
+    small_manifest = write_shard_set(small, small_uri, StorageConfig())
+    for name, (set_uri, set_manifest) in {
+        "JPEG set": (uri, manifest),
+        f"{small_manifest.count} 32px PNGs": (small_uri, small_manifest),
+    }.items():
+        repeats = 1 if quick else READ_REPEATS
+        blocks = read_only(set_uri, set_manifest, "blocks", repeats)
+        webdataset = read_only(set_uri, set_manifest, "ray_webdataset", repeats)
+        print(f"raw read ({name}): blocks {blocks[0]:.0f} samples/s ({blocks[1]:.0f} per "
+              f"CPU-s), read_webdataset {webdataset[0]:.0f} samples/s ({webdataset[1]:.0f} "
+              f"per CPU-s); blocks/read_webdataset = {blocks[0] / webdataset[0]:.2f} wall, "
+              f"{blocks[1] / webdataset[1]:.2f} per CPU-s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run, under a minute")
@@ -237,7 +288,7 @@ def main() -> None:
         shards = ShardsConfig(source=f"folder:{folder}", image_format="jpg",
                               samples_per_shard=per_shard)  # fmt: skip
         manifest = write_shard_set(shards, uri, StorageConfig())
-        files = sorted((folder / "train").glob("*/*.jpg"))[: 48 if args.quick else 128]
+        files = sorted((folder / "train").glob("*/*.jpg"))[: VIEW_SAMPLES[args.quick]]
         jpegs = [p.read_bytes() for p in files]
         v = FRANCA_VIEWS
         print(f"{manifest.count} JPEGs of {CROP_SIDES[0]}-{CROP_SIDES[1]} px in "
@@ -250,49 +301,34 @@ def main() -> None:
         print(f"decode + views, one core: PIL (ours) {pil:.1f} img/CPU-s, torchvision.v2 on uint8 "
               f"tensors {tv2:.1f} img/CPU-s, PIL/tv2 = {pil / tv2:.2f}")  # fmt: skip
 
-        loader = dataloader_pipeline(uri, manifest, FRANCA_VIEWS, args.workers)
-        dataloader = warm_epoch_rate(loader, WARM_EPOCHS[args.quick])
-        print(f"webdataset + DataLoader ({args.workers} workers): {dataloader.warm:.1f} img/s "
-              f"warm median ({dataloader.per_cpu_second:.1f} img/CPU-s), {dataloader.cold:.1f} "
-              f"img/s first epoch ({dataloader.images} images per epoch)")  # fmt: skip
-
+        # The DataLoader's persistent workers fork before Ray starts any threads in this process.
+        pipelines = {"DataLoader": dataloader_pipeline(uri, manifest, FRANCA_VIEWS, args.workers)}
+        print_cold_epoch("DataLoader", pipelines["DataLoader"])
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         try:
-            results = {}
             for reader in ("blocks",) if args.quick else ("blocks", "ray_webdataset"):
-                rates = warm_epoch_rate(
-                    ray_pipeline(uri, FRANCA_VIEWS, reader), WARM_EPOCHS[args.quick]
+                name = f"Ray Data, reader={reader}"
+                pipelines[name] = ray_pipeline(uri, FRANCA_VIEWS, reader)
+                print_cold_epoch(name, pipelines[name])
+            results = interleaved_rates(pipelines, ROUNDS[args.quick])
+            baseline = results["DataLoader"]
+            for name, rates in results.items():
+                epochs = ", ".join(f"{r:.1f}" for r in rates.rates)
+                print(
+                    f"{name} ({args.workers} workers): warm epochs {epochs} img/s, median "
+                    f"{rates.median:.1f}; {rates.per_cpu_second:.1f} img/CPU-s; over the "
+                    f"DataLoader in the same round: {median_ratio(rates, baseline):.3f}"
                 )
-                results[reader] = rates
-                print(f"Ray Data, reader={reader} ({args.workers} CPUs): {rates.warm:.1f} img/s "
-                      f"warm median ({rates.per_cpu_second:.1f} img/CPU-s), {rates.cold:.1f} img/s "
-                      f"first epoch ({rates.images} images per epoch)")  # fmt: skip
-            small_uri = f"{tmp}/small"
-            small = ShardsConfig(source="synthetic", synthetic_count=READ_SAMPLES[args.quick],
-                                 synthetic_size=32, samples_per_shard=1000)  # fmt: skip
-            small_manifest = write_shard_set(small, small_uri, StorageConfig())
-            for name, (set_uri, set_manifest) in {
-                "JPEG set": (uri, manifest),
-                f"{small_manifest.count} 32px PNGs": (small_uri, small_manifest),
-            }.items():
-                repeats = 1 if args.quick else READ_REPEATS
-                blocks = read_only(set_uri, set_manifest, "blocks", repeats)
-                webdataset = read_only(set_uri, set_manifest, "ray_webdataset", repeats)
-                print(f"raw read ({name}): blocks {blocks[0]:.0f} samples/s ({blocks[1]:.0f} per "
-                      f"CPU-s), read_webdataset {webdataset[0]:.0f} samples/s ({webdataset[1]:.0f} "
-                      f"per CPU-s); blocks/read_webdataset = {blocks[0] / webdataset[0]:.2f} wall, "
-                      f"{blocks[1] / webdataset[1]:.2f} per CPU-s")  # fmt: skip
+            print_raw_reads(uri, manifest, tmp, args.quick)
         finally:
             ray.shutdown()
-        ours = results["blocks"]
-        print(f"wall clock, warm epochs (median): Ray Data {ours.warm:.1f} img/s, DataLoader "
-              f"{dataloader.warm:.1f} img/s")  # fmt: skip
+        ours = results["Ray Data, reader=blocks"]
         print(f"per core used: Ray Data {ours.per_cpu_second:.1f} img/s/core, DataLoader "
-              f"{dataloader.per_cpu_second:.1f} img/s/core, ratio "
-              f"{ours.per_cpu_second / dataloader.per_cpu_second:.3f}")  # fmt: skip
-    print(f"ray_data_vs_dataloader={ours.warm / dataloader.warm:.3f}")
+              f"{baseline.per_cpu_second:.1f} img/s/core, ratio "
+              f"{ours.per_cpu_second / baseline.per_cpu_second:.3f}")  # fmt: skip
+    print(f"ray_data_vs_dataloader={median_ratio(ours, baseline):.3f}")
 
 
 if __name__ == "__main__":
