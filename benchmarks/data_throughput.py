@@ -130,12 +130,12 @@ def median_ratio(ours: PipelineRates, baseline: PipelineRates) -> float:
 
 def ray_pipeline(uri: str, views: ViewConfig, reader: str) -> Callable[[], Iterable[dict]]:
     """One epoch per call: each iteration of the dataset is a new execution on warm workers."""
-    from ray_ssl.data.stream import build_train_dataset, iter_worker_batches
+    from ray_ssl.data.stream import WorkerBatchIterator, build_train_dataset
 
     data = DataConfig(uri=uri, reader=reader, batch_size=BATCH)
     dataset = build_train_dataset(data, views, StorageConfig())
     cpu = torch.device("cpu")
-    return lambda: iter_worker_batches(dataset.iterator(), BATCH, views, cpu, 0.0)
+    return lambda: WorkerBatchIterator(dataset.iterator(), BATCH, views, cpu, 0.0)
 
 
 class _DecodeViews:

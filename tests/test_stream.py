@@ -19,8 +19,8 @@ from ray_ssl.data.datasource import ShardSetDatasource, shard_order
 from ray_ssl.data.errors import CorruptDataError
 from ray_ssl.data.shards import iter_shard, read_manifest, write_shard_set
 from ray_ssl.data.stream import (
+    WorkerBatchIterator,
     build_train_dataset,
-    iter_worker_batches,
     load_labelled_arrays,
     read_samples,
     to_batch_contract,
@@ -69,7 +69,7 @@ def _concurrently(consume, argument_lists: list[tuple]) -> list:
 
 
 def _consume_batches(split, views: ViewConfig) -> dict:
-    it = iter_worker_batches(split, 32, views, CPU, max_corrupt_fraction=0.0, drop_last=False)
+    it = WorkerBatchIterator(split, 32, views, CPU, max_corrupt_fraction=0.0, drop_last=False)
     idx, labels, shapes = [], [], set()
     for batch in it:
         idx += batch["idx"].tolist()
@@ -218,7 +218,7 @@ def test_read_tasks_follow_the_epoch_order(digits_test):
 
 def test_ray_webdataset_reader_yields_the_same_samples(ray_local, digits_test):
     data = DataConfig(uri=digits_test, reader="ray_webdataset")
-    it = iter_worker_batches(
+    it = WorkerBatchIterator(
         build_train_dataset(data, VIEWS, STORAGE).iterator(), 64, VIEWS, CPU, 0.0, drop_last=False
     )
     assert sorted(i for batch in it for i in batch["idx"].tolist()) == list(range(359))
@@ -263,7 +263,7 @@ def corrupted(tmp_path) -> tuple[str, set[int]]:
 
 def test_corrupt_samples_are_skipped_and_counted(ray_local, corrupted):
     uri, bad = corrupted
-    it = iter_worker_batches(
+    it = WorkerBatchIterator(
         build_train_dataset(DataConfig(uri=uri), VIEWS, STORAGE).iterator(),
         32,
         VIEWS,
@@ -278,7 +278,7 @@ def test_corrupt_samples_are_skipped_and_counted(ray_local, corrupted):
 
 def test_corrupt_rate_above_the_limit_is_an_error(ray_local, corrupted):
     uri, bad = corrupted
-    it = iter_worker_batches(
+    it = WorkerBatchIterator(
         build_train_dataset(DataConfig(uri=uri), VIEWS, STORAGE).iterator(), 32, VIEWS, CPU, 0.01
     )
     with pytest.raises(CorruptDataError, match="max_corrupt_fraction=0.01") as err:
@@ -310,7 +310,7 @@ def test_torch_trainer_two_workers_consume_each_epoch(ray_local, tmp_path):
         shard = ray.train.get_dataset_shard("train")
         rank = ray.train.get_context().get_world_rank()
         for epoch in range(2):
-            it = iter_worker_batches(shard, 16, config["views"], CPU, 0.0, drop_last=False)
+            it = WorkerBatchIterator(shard, 16, config["views"], CPU, 0.0, drop_last=False)
             seen = []
             for batch in it:
                 assert batch["global_crops"].shape[0] == 2 * batch["idx"].shape[0]
@@ -375,4 +375,4 @@ def test_iterator_rejects_a_dataset_built_for_other_views(ray_local, digits_test
     dataset = build_train_dataset(DataConfig(uri=digits_test), VIEWS, STORAGE)
     pair = ViewConfig(kind="pair", channels=1, global_size=16, patch_size=4)
     with pytest.raises(ValueError, match="view spec asks for 2 / 0"):
-        next(iter_worker_batches(dataset.iterator(), 8, pair, CPU, 0.0))
+        next(WorkerBatchIterator(dataset.iterator(), 8, pair, CPU, 0.0))

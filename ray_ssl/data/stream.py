@@ -2,7 +2,7 @@
 
 ``build_train_dataset`` reads the shards in a per-epoch shuffled order, decodes each image and
 builds the views the method asks for (``ViewConfig``) in Ray Data tasks. On each Train worker,
-``iter_worker_batches`` turns its ``DataIterator`` (``ray.train.get_dataset_shard("train")`` or a
+``WorkerBatchIterator`` turns its ``DataIterator`` (``ray.train.get_dataset_shard("train")`` or a
 ``streaming_split`` part) into the batch contract: crop-major uint8 crops, masks, idx, labels on
 the training device. Corrupt samples are skipped and counted; past ``max_corrupt_fraction`` the
 iterator raises :class:`CorruptDataError`.
@@ -161,7 +161,8 @@ def _split_rows(parts: list[Rows], n: int) -> tuple[list[Rows], list[Rows]]:
 
 
 class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
-    """Batches of exactly ``batch_size`` good samples from one worker's DataIterator."""
+    """Batches of exactly ``batch_size`` good samples from one worker's DataIterator, in the batch
+    contract; ``.stats`` counts seen and corrupt samples."""
 
     def __init__(
         self,
@@ -291,21 +292,6 @@ def to_batch_contract(batch: Rows | list[Rows], device: torch.device) -> dict[st
         values = np.concatenate([p[name] for p in parts])
         out[name] = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
     return out
-
-
-def iter_worker_batches(
-    shard: ray.data.DataIterator,
-    batch_size: int,
-    views: ViewConfig,
-    device: torch.device,
-    max_corrupt_fraction: float,
-    drop_last: bool = True,
-    prefetch_batches: int = 2,
-) -> WorkerBatchIterator:
-    """The batch contract for one Train worker; ``.stats`` counts seen and corrupt samples."""
-    return WorkerBatchIterator(
-        shard, batch_size, views, device, max_corrupt_fraction, drop_last, prefetch_batches
-    )
 
 
 def read_samples(uri: str, storage: StorageConfig) -> ray.data.Dataset:

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from ray_ssl.config import Config, ViewConfig
-from ray_ssl.data.stream import build_train_dataset, iter_worker_batches
+from ray_ssl.data.stream import WorkerBatchIterator, build_train_dataset
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class PassStream:
                 self.world_size, equal=True, locality_hints=self.node_ids
             )
         splits = _broadcast_object(splits, self.world_size)
-        self._iterator = iter_worker_batches(
+        self._iterator = WorkerBatchIterator(
             splits[self.rank],
             self.per_worker_batch,
             self.views,
