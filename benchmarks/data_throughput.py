@@ -128,7 +128,7 @@ def median_ratio(ours: PipelineRates, baseline: PipelineRates) -> float:
     return float(np.median([a / b for a, b in zip(ours.rates, baseline.rates, strict=True)]))
 
 
-def ray_pipeline(uri: str, views: ViewConfig, reader: str) -> Callable[[], Iterable[dict]]:
+def ray_pipeline(uri: str, views: ViewConfig, reader: str) -> Epochs:
     """One epoch per call: each iteration of the dataset is a new execution on warm workers."""
     from ray_ssl.data.stream import WorkerBatchIterator, build_train_dataset
 
@@ -164,7 +164,7 @@ def _collate(samples: list[dict]) -> dict:
     return to_batch_contract(batch, torch.device("cpu"))
 
 
-def dataloader_pipeline(uri: str, manifest: Manifest, views: ViewConfig, workers: int):
+def dataloader_pipeline(uri: str, manifest: Manifest, views: ViewConfig, workers: int) -> Epochs:
     import webdataset as wds
 
     urls = [f"{uri}/{s.name}" for s in manifest.shards]
