@@ -82,14 +82,14 @@ class PlainLoop:
 
     def __init__(self, config: Config, total_steps: int, device: str):
         from ray_ssl.methods.franca import FrancaMethod
-        from ray_ssl.train.engine import build_optimizer, param_groups
+        from ray_ssl.train.engine import build_optimizer
         from ray_ssl.train.schedules import TrainSchedules
 
         torch.manual_seed(0)
         self.config = config
         self.method = FrancaMethod(config, total_steps, total_steps).to(device)
         self.schedules = TrainSchedules.from_config(config, total_steps)
-        groups = param_groups(self.method, config.optim)
+        groups = self.method.param_groups(config.optim)
         self.optimizer = build_optimizer(groups, config.optim, fused=device == "cuda")
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.batches = synthetic_batches(config, BATCHES, device)
@@ -98,7 +98,7 @@ class PlainLoop:
     def _train_step(self, batch: dict[str, torch.Tensor], step: int) -> None:
         values = self.schedules.at(step)
         for group in self.optimizer.param_groups:
-            lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+            lr = 0.0 if step < group["frozen_until"] else values.lr
             group["lr"] = lr * group["lr_mult"]
             group["weight_decay"] = values.weight_decay * group["wd_mult"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -118,7 +118,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from ray_ssl.config import config_from_dict
-    from ray_ssl.methods.factory import build_method
+    from ray_ssl.methods.registry import build_method
     from ray_ssl.train.engine import build_engine
     from ray_ssl.train.schedules import TrainSchedules
 

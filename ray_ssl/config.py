@@ -4,13 +4,23 @@ Every section is a dataclass with defaults; a preset (``ray_ssl/presets/<name>.y
 overrides some fields, and command-line overrides such as ``train.num_workers=2`` override the
 preset. An unknown key or a value of the wrong type raises :class:`ConfigError`, a one-line message
 naming the key and the valid choices.
+
+Methods are plug-ins: ``ray_ssl/methods/<name>_settings.py`` registers a :class:`MethodPlugin`
+(its settings dataclass, how its views follow from the user's, its checkpoint-shape keys and where
+its torch implementation lives), and its settings are the config section ``<name>`` (``franca.
+koleo_weight=0.2``). This floor finds those modules by file name; they import nothing but this
+module and the standard library (``tests/test_layers.py``), so resolving a config never imports
+torch, DeepSpeed or Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +30,9 @@ import yaml
 from ray_ssl.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+METHODS_PACKAGE = "ray_ssl.methods"
+METHODS_DIR = Path(__file__).parent / "methods"
+SETTINGS_SUFFIX = "_settings"  # ray_ssl/methods/<name>_settings.py registers method <name>
 
 
 class ConfigError(UserError, ValueError):
@@ -87,7 +100,10 @@ class DataConfig:
     shuffle_seed: int = 0
     max_corrupt_fraction: float = 0.01  # above this the run stops with an error
     decode_concurrency: int | None = None  # Ray Data tasks/actors for decode+views; None = auto
-    prefetch_batches: int = 2
+    prefetch_batches: int = 2  # blocks each Train worker's iterator reads ahead of training
+
+
+VIT_BACKBONE = "vit"  # a method's backbone setting naming the model section's ViT (else timm)
 
 
 @dataclass
@@ -107,57 +123,12 @@ class ModelConfig:
 
 
 @dataclass
-class FrancaConfig:
-    """Franca (arXiv 2507.14137) objective and teacher."""
-
-    prototypes: int = 131072  # DINO (CLS) prototypes of the largest Matryoshka level (ViT-G)
-    ibot_prototypes: int = 131072  # iBOT (patch) prototypes of the largest level (DINOv2 ViT-g)
-    nesting_levels: int = 5  # dims D/16, D/8, D/4, D/2, D
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 384  # DINO head (DINOv2 vitg14.yaml)
-    ibot_head_bottleneck_dim: int = 256  # iBOT head (DINOv2 default)
-    head_layers: int = 3
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    teacher_temp_warmup: float = 0.04
-    teacher_temp_warmup_epochs: int = 30
-    sinkhorn_iterations: int = 3
-    dino_weight: float = 1.0  # weight of the DINO CLS loss (each Matryoshka level weighs 1)
-    ibot_weight: float = 1.0  # weight of the iBOT masked-patch loss
-    koleo_weight: float = 0.1  # weight of KoLeo on the student's global-crop CLS tokens
-    momentum_start: float = 0.994
-    momentum_end: float = 1.0
-    freeze_last_layer_epochs: int = 1
-
-
-@dataclass
-class InstDiscConfig:
-    """InstDisc (arXiv 1805.01978) with a sharded memory bank."""
-
-    backbone: str = "vit"  # "vit" (model section) or a timm name such as "resnet50"
-    num_instances: int | None = None  # N = bank rows = the shard set's sample count (dense idx)
-    feature_dim: int = 128
-    negatives: int = 4096  # m, shared by the whole batch of a step
-    temperature: float = 0.07
-    bank_momentum: float = 0.5
-    proximal_weight: float = 30.0  # lambda of the proximal term (paper sec. 3.3); 0 disables
-    z_momentum: float = 0.99  # running average of the Monte-Carlo Z estimate
-    exact_softmax: bool = False  # full non-parametric softmax over the bank (small N only)
-    bank_shards: int = 2
-    bank_dtype: Literal["float16", "float32"] = "float32"
-    bank_cpus_per_shard: float = 0.5
-    bank_max_restarts: int = 3  # Ray restarts of a dead shard actor (from its latest snapshot)
-    max_inflight_updates: int = 4
-    knn_k: int = 200
-    knn_sigma: float = 0.07
-
-
-@dataclass
 class OptimConfig:
-    """AdamW with DINOv2's schedules."""
+    """The optimizer (AdamW, SGD or LARS) and its schedules."""
 
-    base_lr: float = 4.0e-3  # at batch 1024; lr = base_lr * sqrt(batch / 1024) (DINOv2)
+    base_lr: float = 4.0e-3  # at lr_reference_batch; scaled to the global batch by lr_scaling
     lr_reference_batch: int = 1024
+    lr_scaling: Literal["sqrt", "linear"] = "sqrt"  # DINOv2 sqrt_wrt_1024; linear: SimCLR/VICReg
     min_lr: float = 1.0e-6
     warmup_epochs: int = 10
     weight_decay: float = 0.04
@@ -167,15 +138,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     lr_milestones: tuple[int, ...] = ()  # step decay epochs (InstDisc); empty = cosine
     lr_gamma: float = 0.1
-    momentum_sgd: float = 0.9
-    name: Literal["adamw", "sgd"] = "adamw"
+    momentum_sgd: float = 0.9  # momentum of SGD and LARS
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
 
 
 @dataclass
 class TrainConfig:
     """Ray Train + DeepSpeed: scaling, schedule length, checkpoints, failures."""
 
-    method: Literal["franca", "instdisc"] = "franca"
+    method: str = "franca"  # a registered method (ray_ssl/methods/<name>_settings.py)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -248,12 +219,82 @@ class Config:
     views: ViewConfig = field(default_factory=ViewConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    franca: FrancaConfig = field(default_factory=FrancaConfig)
-    instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    # Every registered method's settings by method name (section ``<name>`` of presets, overrides
+    # and saved configs); ``config.<name>`` reads one.
+    methods: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        methods = self.__dict__.get("methods") or {}
+        if name in methods:
+            return methods[name]
+        raise AttributeError(f"{type(self).__name__} has no section {name!r}")
+
+    @property
+    def method_settings(self) -> Any:
+        """The settings of the method this config trains (``train.method``)."""
+        return self.methods[self.train.method]
+
+
+def _no_settings_check(settings: Any) -> None:
+    """Default of :attr:`MethodPlugin.check_settings`: nothing beyond the field types."""
+
+
+@dataclass(frozen=True)
+class MethodPlugin:
+    """What the configuration layer knows of a method; registered by its settings module.
+
+    ``view_spec(config)`` returns the views the method trains on, derived from ``config.views``;
+    a user setting the method cannot honour raises a one-line :class:`ConfigError` (it is never
+    overridden silently). ``check_settings`` validates the method's own section when a config is
+    loaded; ``view_spec`` runs when a run is planned, since configs that do not train (curation,
+    shard writing) need not suit the default method.
+    """
+
+    name: str
+    settings: type  # the dataclass of section ``name``
+    implementation: str  # "module:Class" of its Method; imported only where training happens
+    view_spec: Callable[[Config], ViewConfig]
+    shape_keys: tuple[str, ...] = ()  # settings that fix the shapes of its checkpoints
+    check_settings: Callable[[Any], None] = _no_settings_check
+
+
+_PLUGINS: dict[str, MethodPlugin] = {}
+
+
+def register_method(plugin: MethodPlugin) -> MethodPlugin:
+    """Add a method to the registry (called by ``ray_ssl/methods/<name>_settings.py``)."""
+    if not dataclasses.is_dataclass(plugin.settings):
+        raise TypeError(f"method {plugin.name!r}: settings must be a dataclass")
+    _PLUGINS[plugin.name] = plugin
+    return plugin
+
+
+def method_plugins() -> dict[str, MethodPlugin]:
+    """Every registered method by name; imports the methods' settings modules on first use."""
+    for module in pkgutil.iter_modules([str(METHODS_DIR)]):
+        if module.name.endswith(SETTINGS_SUFFIX):
+            importlib.import_module(f"{METHODS_PACKAGE}.{module.name}")
+    return dict(sorted(_PLUGINS.items()))
+
+
+def method_plugin(name: str) -> MethodPlugin:
+    """The plug-in of method ``name``; an unknown name is a one-line :class:`ConfigError`."""
+    plugins = method_plugins()
+    if name not in plugins:
+        raise ConfigError(
+            f"config key 'train.method': {name!r} is not a registered method; choose one of "
+            f"{', '.join(plugins)}"
+        )
+    return plugins[name]
+
+
+def training_views(config: Config) -> ViewConfig:
+    """The views ``config``'s method trains on; a view setting it cannot honour is an error."""
+    return method_plugin(config.train.method).view_spec(config)
 
 
 def _choices(tp: Any) -> str:
@@ -322,13 +363,20 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     raise bad
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def _build(
+    cls: type,
+    values: dict[str, Any],
+    prefix: str = "",
+    extra_names: tuple[str, ...] = (),
+    hidden: tuple[str, ...] = (),
+) -> Any:
     """Instantiate dataclass ``cls`` from a (possibly partial) nested dict, strictly."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    accepted = {f.name for f in dataclasses.fields(cls)} - set(hidden)
+    names = [*sorted(accepted, key=list(hints).index), *extra_names]
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in hints:
+        if key not in accepted:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}"
             )
@@ -338,6 +386,19 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hints[f.name]) and f.name not in kwargs:
             setattr(obj, f.name, hints[f.name]())
     return obj
+
+
+def _build_config(values: dict[str, Any]) -> Config:
+    """A :class:`Config` from a nested dict whose method sections are keyed by method name."""
+    plugins = method_plugins()
+    sections = {
+        name: _coerce(name, plugin.settings, values.get(name, {}))
+        for name, plugin in plugins.items()
+    }
+    rest = {key: value for key, value in values.items() if key not in plugins}
+    config = _build(Config, rest, extra_names=tuple(plugins), hidden=("methods",))
+    config.methods = sections
+    return config
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -390,14 +451,14 @@ def load_config(preset: str = "local", overrides: list[str] | tuple[str, ...] = 
     values = _merge(values, load_preset(preset))
     for text in overrides:
         values = _merge(values, parse_override(text))
-    config = _build(Config, values)
+    config = _build_config(values)
     validate(config)
     return config
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a saved config (``to_dict`` output), validating it again."""
-    config = _build(Config, values)
+    config = _build_config(values)
     validate(config)
     return config
 
@@ -412,7 +473,9 @@ def to_dict(config: Config) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(config))
+    values = dataclasses.asdict(config)
+    values.update(values.pop("methods"))  # each method's settings are the section of its name
+    return plain(values)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -423,6 +486,9 @@ def _require(ok: bool, message: str) -> None:
 def validate(config: Config) -> None:
     """Cross-field checks that a single field's type cannot express."""
     v, t, d, m = config.views, config.train, config.data, config.model
+    method_plugin(t.method)  # a registered method
+    for name, plugin in method_plugins().items():
+        plugin.check_settings(config.methods[name])
     _require(t.num_workers >= 1, "train.num_workers must be >= 1")
     _require(
         d.batch_size % t.num_workers == 0,
@@ -444,6 +510,12 @@ def validate(config: Config) -> None:
         f"model.patch_size={m.patch_size} differs from views.patch_size={v.patch_size}; "
         "set both to the same value",
     )
+    # LARS adapts each parameter's step to its own norm; ZeRO's flat partitions would mix them.
+    _require(
+        config.optim.name != "lars" or t.zero_stage == 0,
+        f"optim.name=lars needs whole parameters, but train.zero_stage={t.zero_stage} flattens "
+        "them into partitions; set train.zero_stage=0",
+    )
     lo, hi = v.mask_ratio
     _require(0.0 <= lo <= hi < 1.0, f"views.mask_ratio={list(v.mask_ratio)} must be 0<=lo<=hi<1")
     for name, (a, b) in (
@@ -451,6 +523,10 @@ def validate(config: Config) -> None:
         ("views.local_scale", v.local_scale),
     ):
         _require(0.0 < a <= b <= 1.0, f"{name}=[{a}, {b}] must satisfy 0 < lo <= hi <= 1")
+    _require(
+        d.prefetch_batches >= 0,
+        f"data.prefetch_batches={d.prefetch_batches} must be >= 0 (0 reads no block ahead)",
+    )
     _require(
         0.0 <= d.max_corrupt_fraction <= 1.0,
         f"data.max_corrupt_fraction={d.max_corrupt_fraction} must be within [0, 1]",

@@ -183,3 +183,11 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
 def read_bytes(loc: Location) -> bytes:
     with loc.fs.open(loc.path, "rb") as fh:
         return fh.read()
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """A local path or ``file://`` URI as an absolute path; ``s3://`` URIs and None unchanged
+    (Ray workers do not share the driver's working directory)."""
+    if uri is None or uri.startswith("s3://"):
+        return uri
+    return resolve(uri).path

@@ -21,14 +21,14 @@ from ray import cloudpickle
 from torch import nn
 
 from ray_ssl.config import Config, ViewConfig, load_config
-from ray_ssl.methods.base import Method
+from ray_ssl.methods.base import Method, decay_param_groups
 from ray_ssl.models.ema import copy_params_, ema_update_
-from ray_ssl.train.engine import param_groups
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests
 
 IN_DIM, HIDDEN, OUT_DIM = 12, 16, 8
 GLOBAL_BATCH, STEPS, STEPS_PER_EPOCH = 8, 8, 3
+FROZEN_STEPS = STEPS_PER_EPOCH  # the toy's freeze rule: its last layer trains from epoch 1
 LOSS_RTOL = 1e-5  # float32 with a different reduction order across 1 and 2 workers
 EMA_ATOL = 1e-6
 BF16_RTOL = 3e-2  # bf16 matmuls (8-bit mantissa) against float32
@@ -42,8 +42,8 @@ def momentum_at(step: int) -> float:
 class ToyMethod(Method):
     """Student/teacher MLPs named like a ViT + DINO head, so every parameter group occurs."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
         self.student = self._network()
         self.teacher = self._network()
         copy_params_(self.teacher, self.student)
@@ -71,6 +71,9 @@ class ToyMethod(Method):
 
     def backbone(self) -> nn.Module:
         return self.teacher
+
+    def frozen_until(self, name: str) -> int:
+        return FROZEN_STEPS if ".last_layer." in name else 0
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -101,7 +104,6 @@ def toy_config(zero_stage: int, workers: int) -> Config:
             "optim.warmup_epochs=1",
             "optim.base_lr=0.05",
             "optim.clip_grad=0.5",  # small enough to clip: the clipping path is exercised
-            "franca.freeze_last_layer_epochs=1",
         ],
     )
 
@@ -125,7 +127,7 @@ def train_toy(
     config.train.precision = precision
     torch.manual_seed(0)
     schedules = TrainSchedules.from_config(config, STEPS_PER_EPOCH)
-    engine = build_engine(ToyMethod(), config, schedules)
+    engine = build_engine(ToyMethod(config), config, schedules)
     method = engine.module
     reference_teacher = _gather(method.student) if zero_stage == 3 else None
     per_worker = GLOBAL_BATCH // world_size
@@ -140,7 +142,7 @@ def train_toy(
         losses.append(float(loss) / world_size)
         values = schedules.at(step)
         for group in engine.engine.optimizer.param_groups:
-            lr = (values.last_layer_lr if group["is_last_layer"] else values.lr) * group["lr_mult"]
+            lr = (0.0 if step < group["frozen_until"] else values.lr) * group["lr_mult"]
             wd = values.weight_decay * group["wd_mult"]
             lr_ok &= math.isclose(group["lr"], lr) and math.isclose(group["weight_decay"], wd)
         if reference_teacher is not None:
@@ -183,7 +185,7 @@ def _one_worker(queue: Any) -> None:
 
 def test_param_groups_follow_dinov2_rules() -> None:
     config = toy_config(2, 1)
-    groups = param_groups(ToyMethod(), config.optim)
+    groups = ToyMethod(config).param_groups(config.optim)
     by_name = {n: g for g in groups for n in g["names"]}
     assert not any(n.startswith("teacher.") for n in by_name)  # the frozen EMA teacher
     assert len(by_name) == 7
@@ -195,15 +197,15 @@ def test_param_groups_follow_dinov2_rules() -> None:
         1.0,
         1.0,
     )
-    assert by_name["student.last_layer.weight"]["is_last_layer"]
-    assert not by_name["student.mlp.weight"]["is_last_layer"]
+    assert by_name["student.last_layer.weight"]["frozen_until"] == FROZEN_STEPS
+    assert by_name["student.mlp.weight"]["frozen_until"] == 0
 
 
 def test_vit_tokens_have_no_weight_decay() -> None:
     from ray_ssl.models.vit import build_vit
 
     config = load_config("local", ["model.depth=1"])
-    groups = param_groups(build_vit(config.model), config.optim)
+    groups = decay_param_groups(build_vit(config.model), config.optim, lambda name: 0)
     decay = {n: g["wd_mult"] for g in groups for n in g["names"]}
     for name in ("cls_token", "pos_embed", "mask_token", "blocks.0.ls1.gamma", "norm.weight"):
         assert decay[name] == 0.0, name

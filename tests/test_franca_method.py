@@ -132,20 +132,27 @@ def test_schedules() -> None:
     assert math.isclose(method.momentum(0), 0.994)
 
 
-def test_view_spec_forces_multicrop_with_cyclic_masks() -> None:
-    method = FrancaMethod(_config("views.mask=block"), STEPS_PER_EPOCH, total_steps=50)
+@pytest.mark.parametrize("mask", ["block", "inverse_block", "cyclic"])
+def test_view_spec_honours_the_mask_kind(mask: str) -> None:
+    method = FrancaMethod(_config(f"views.mask={mask}"), STEPS_PER_EPOCH, total_steps=50)
     spec = method.view_spec
-    assert (spec.kind, spec.mask) == ("multicrop", "cyclic")
+    assert (spec.kind, spec.mask) == ("multicrop", mask)  # a block-vs-cyclic ablation differs
     assert (spec.global_crops, spec.local_crops) == (2, 2)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [(["views.global_crops=1"], "at least 2 global crops"), (["views.channels=3"], "in_chans")],
+    [
+        (["views.global_crops=1"], "at least 2 global crops"),
+        (["views.channels=3"], "in_chans"),
+        (["views.mask=none"], "views.mask=none: Franca's iBOT loss predicts masked patches"),
+        (["views.kind=pair"], "views.kind=pair: Franca trains on multi-crop views"),
+    ],
 )
 def test_bad_config_is_a_one_line_error(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         FrancaMethod(_config(*overrides), STEPS_PER_EPOCH, total_steps=50)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_batch_layout_is_an_error(method: FrancaMethod) -> None:

@@ -86,7 +86,8 @@ def test_step_updates_the_bank_rows_of_the_batch(method: InstDiscMethod) -> None
 
 
 def test_checkpoint_round_trip_restores_bank_and_z(method: InstDiscMethod, tmp_path) -> None:
-    _train_steps(method, range(3))  # step 2 is a checkpoint step: updates are settled
+    _train_steps(method, range(3))
+    method.before_checkpoint(3)  # settles the updates, as the loop does before every checkpoint
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     method.save_extra_state(str(checkpoint), 3)
@@ -152,24 +153,16 @@ def test_vit_backbone_trains_through_the_same_path(ray_local, tmp_path) -> None:
         method.bank.shutdown()
 
 
-def _job_module():
-    import importlib.util
-    from pathlib import Path
+def test_driver_pins_the_bank_size_to_the_shard_set(tmp_path) -> None:
+    from ray_ssl.data.shards import ensure_shard_set
+    from ray_ssl.methods.registry import method_driver
 
-    path = Path(__file__).resolve().parents[1] / "jobs" / "instdisc.py"
-    spec = importlib.util.spec_from_file_location("instdisc_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_job_pins_the_bank_size_to_the_shard_set(tmp_path) -> None:
-    job = _job_module()
-    data = ["shards.source=digits", f"data.uri={tmp_path}/train", f"data.eval_uri={tmp_path}/test"]
-    config = job.prepare_config("local", [*data, "instdisc.num_instances=null"])
-    count = config.instdisc.num_instances
-    assert count is not None and count > 1000  # filled from the digits train manifest
-    assert config.train.storage_path.startswith("/")
+    config = load_config("instdisc_local", ["shards.source=digits", f"data.uri={tmp_path}/train"])
+    count = ensure_shard_set(config.shards, config.data.uri, config.storage).count
+    config.instdisc.num_instances = None
+    prepared = method_driver(config).prepare(config)
+    assert prepared.instdisc.num_instances == count  # filled from the digits train manifest
+    config.instdisc.num_instances = count + 1
     with pytest.raises(ConfigError, match=f"holds {count} samples") as err:
-        job.prepare_config("local", [*data, f"instdisc.num_instances={count + 1}"])
+        method_driver(config).prepare(config)
     assert "\n" not in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -103,3 +104,114 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
     (floor / "__init__.py").write_text("")
     (floor / "bank.py").write_text("from ray_ssl.data.stream import build_train_dataset\n")
     assert package_graph(tmp_path) == {"memory_bank": {"data"}}
+
+
+# -- methods are plug-ins (DESIGN.md "A method is a plug-in") --------------------------------------
+REPO_ROOT = PACKAGE_ROOT.parent
+METHOD_FREE_DIRS = (PACKAGE_ROOT / "train", PACKAGE_ROOT / "tune", REPO_ROOT / "jobs")
+METHOD_SEAM_MODULES = {"base", "registry"}  # what train/tune/jobs may import from methods
+HEAVY_PACKAGES = {"torch", "ray", "deepspeed", "numpy", "timm"}
+SETTINGS_MAY_IMPORT = {"config", "errors"}
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    nodes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                nodes.add(id(body[0].value))
+    return nodes
+
+
+def method_mentions(path: Path, methods: set[str], presets: set[str]) -> list[str]:
+    """Where the code of ``path`` names a method: imports of a method's module, identifiers
+    containing a method's name, strings with a method name as a dotted, ``=`` or ``_`` part
+    (``"franca.koleo_weight=0"``); docstrings and whole preset names (a job picks its preset,
+    the preset picks the method) do not count."""
+    tree = ast.parse(path.read_text())
+    docstrings = _docstring_nodes(tree)
+    found = []
+    for node in ast.walk(tree):
+        words: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            parts = node.module.split(".")
+            if parts[:2] == ["ray_ssl", "methods"] and len(parts) > 2:
+                if parts[2] not in METHOD_SEAM_MODULES:
+                    found.append(f"{path.name}:{node.lineno} imports {node.module}")
+        elif isinstance(node, ast.Name):
+            words = [node.id]
+        elif isinstance(node, ast.Attribute):
+            words = [node.attr]
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            words = [node.name]
+        elif isinstance(node, ast.arg):
+            words = [node.arg]
+        elif isinstance(node, ast.alias):
+            words = [node.asname or node.name]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) in docstrings or node.value in presets:
+                continue
+            words = [w for w in re.split(r"[^A-Za-z0-9]+", node.value) if w]
+        for word in words:
+            hit = [m for m in methods if m in word.lower()]
+            if hit:
+                found.append(f"{path.name}:{getattr(node, 'lineno', '?')} names {hit[0]}: {word}")
+    return found
+
+
+def _method_names() -> set[str]:
+    from ray_ssl.config import method_plugins
+
+    return set(method_plugins())
+
+
+def _preset_names() -> set[str]:
+    from ray_ssl.config import available_presets
+
+    return set(available_presets())
+
+
+def test_train_tune_and_jobs_name_no_method() -> None:
+    methods, presets = _method_names(), _preset_names()
+    assert {"franca", "instdisc"} <= methods
+    found = [
+        mention
+        for directory in METHOD_FREE_DIRS
+        for path in sorted(directory.rglob("*.py"))
+        for mention in method_mentions(path, methods, presets)
+    ]
+    assert not found, found
+
+
+def test_the_checker_sees_a_method_name(tmp_path: Path) -> None:
+    code = tmp_path / "loop.py"
+    code.write_text(
+        '"""Franca in a docstring is fine."""\n'
+        "from ray_ssl.methods.franca import FrancaMethod\n"
+        "steps = config.franca.freeze_last_layer_epochs\n"
+        "overrides = ['franca.koleo_weight=0']\n"
+        "preset = 'local'\n"
+    )
+    found = method_mentions(code, {"franca"}, {"local"})
+    # The import, the imported name, the attribute and the override string.
+    assert len(found) == 4, found
+
+
+def test_method_settings_modules_are_light() -> None:
+    """Settings modules load with the config, before torch, DeepSpeed or Ray."""
+    modules = sorted((PACKAGE_ROOT / "methods").glob("*_settings.py"))
+    assert len(modules) >= len(_method_names())
+    for path in modules:
+        tree = ast.parse(path.read_text())
+        third_party = {
+            (alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        }
+        assert not third_party & HEAVY_PACKAGES, (path.name, third_party & HEAVY_PACKAGES)
+        assert _imported_packages(path) <= SETTINGS_MAY_IMPORT, (
+            path.name,
+            _imported_packages(path),
+        )

@@ -61,7 +61,6 @@ def test_lr_scaling_rule_and_train_schedules_from_config() -> None:
             "optim.base_lr=0.004",
             "optim.warmup_epochs=2",
             "train.epochs=5",
-            "franca.freeze_last_layer_epochs=1",
         ],
     )
     assert scaled_lr(config.optim, 256) == pytest.approx(0.004 * math.sqrt(256 / 1024))
@@ -73,7 +72,11 @@ def test_lr_scaling_rule_and_train_schedules_from_config() -> None:
         values = schedules.at(step)
         assert values.lr == pytest.approx(expected_lr[step], rel=1e-12, abs=1e-15)
         assert values.weight_decay == pytest.approx(expected_wd[step], rel=1e-12)
-        assert values.last_layer_lr == (0.0 if step < 10 else values.lr)
+
+
+def test_linear_lr_scaling_rule() -> None:
+    config = load_config("local", ["optim.lr_scaling=linear", "optim.lr_reference_batch=256"])
+    assert scaled_lr(config.optim, 2048) == pytest.approx(config.optim.base_lr * 8)
 
 
 def test_step_decay_for_instdisc() -> None:

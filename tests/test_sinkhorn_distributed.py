@@ -38,7 +38,10 @@ def _sinkhorn_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     for scenario in range(len(SCENARIOS)):
         scores, valid = _scores(scenario, rank)
-        torch.save(sinkhorn_knopp(scores, TEMP, valid=valid), f"{out_dir}/s{scenario}_r{rank}.pt")
+        joint = sinkhorn_knopp(scores, TEMP, valid=valid, distributed=True)
+        local = sinkhorn_knopp(scores, TEMP, valid=valid)  # distributed=False: this rank alone
+        torch.save(joint, f"{out_dir}/s{scenario}_r{rank}.pt")
+        torch.save(local, f"{out_dir}/local_s{scenario}_r{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -50,6 +53,8 @@ def test_sinkhorn_two_ranks_equals_single_process(tmp_path: Path) -> None:
             out = torch.load(tmp_path / f"s{scenario}_r{rank}.pt")
             scores, valid = _scores(scenario, rank)
             assert (out[~valid] == 0).all()
+            local = torch.load(tmp_path / f"local_s{scenario}_r{rank}.pt")
+            torch.testing.assert_close(local[valid], sinkhorn_knopp(scores[valid], TEMP))
             real_rows.append(out[valid])
             expected_rows.append(scores[valid])
         single = sinkhorn_knopp(torch.cat(expected_rows), TEMP)

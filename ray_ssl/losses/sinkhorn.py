@@ -3,9 +3,9 @@
 The teacher's prototype scores of B samples (all ranks together) over K prototypes become soft
 assignments with equal mass per prototype: Q* = Diag(u) exp(S / tau) Diag(v) (SwAV eq. 3, with
 epsilon = the teacher temperature), found by alternately normalising prototype (column) sums to
-1/K and sample (row) sums to 1/B. Column sums and B are all-reduced across ranks, so every rank
-computes its rows of the same global Q. Rows flagged invalid (padding) take no part and come back
-as zeros.
+1/K and sample (row) sums to 1/B. With ``distributed=True`` the column sums and B are all-reduced
+across ranks, so every rank computes its rows of the same global Q (as lightly's losses, the
+caller says so explicitly). Rows flagged invalid (padding) take no part and come back as zeros.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import torch.distributed as dist
 SINKHORN_ITERATIONS = 3  # DINOv2 / Franca
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
-    if _distributed():
-        dist.all_reduce(tensor, op=op)
+def _world_size(distributed: bool) -> int:
+    """Ranks whose rows form the batch: 1 unless asked and a process group is up (as lightly)."""
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 @torch.no_grad()
@@ -31,6 +29,7 @@ def sinkhorn_knopp(
     temperature: float,
     iterations: int = SINKHORN_ITERATIONS,
     valid: torch.Tensor | None = None,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """Balanced soft assignments [N, K] of this rank's rows, computed in fp32.
 
@@ -39,10 +38,17 @@ def sinkhorn_knopp(
         temperature: the teacher temperature tau.
         iterations: Sinkhorn-Knopp iterations (column then row normalisation each).
         valid: bool [N], False for padding rows; None means every row is real.
+        distributed: all ranks' rows form one batch B (all-reduced) when a process group is
+            initialised; every rank must then call this, even with N = 0.
 
-    Every rank must call this (it all-reduces when torch.distributed is initialised), even with
-    N = 0. Real rows of the result sum to 1; over all ranks each prototype receives B/K mass.
+    Real rows of the result sum to 1; over all ranks each prototype receives B/K mass.
     """
+    reduce = _world_size(distributed) > 1
+
+    def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+        if reduce:
+            dist.all_reduce(tensor, op=op)
+
     scores = scores.float()
     rows, prototypes = scores.shape
     if valid is None:

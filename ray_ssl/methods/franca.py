@@ -15,14 +15,14 @@ import math
 import torch
 from torch import nn
 
-from ray_ssl.config import Config, ConfigError, ViewConfig
+from ray_ssl.config import Config
 from ray_ssl.losses.dino import dino_loss
 from ray_ssl.losses.ibot import ibot_loss
 from ray_ssl.losses.koleo import koleo_loss
 from ray_ssl.losses.sinkhorn import sinkhorn_knopp
 from ray_ssl.methods.base import Batch, Method
 from ray_ssl.models.ema import copy_params_, ema_update_
-from ray_ssl.models.heads import MatryoshkaHeads
+from ray_ssl.models.heads import MatryoshkaHeads, is_last_layer_param
 from ray_ssl.models.vit import build_vit, normalize_images
 
 
@@ -50,26 +50,17 @@ class FrancaMethod(Method):
 
     The heads' prototype layers are frozen for the first ``freeze_last_layer_epochs`` by using
     ``weight.detach()`` in their forward: no gradient reaches them, so there is nothing to cancel
-    inside the DeepSpeed engine (any ZeRO stage).
+    inside the DeepSpeed engine (any ZeRO stage); their learning rate is 0 meanwhile (DINOv2's
+    rule, :meth:`frozen_until`).
     """
 
     def __init__(self, config: Config, steps_per_epoch: int, total_steps: int) -> None:
-        super().__init__()
-        views, model, franca = config.views, config.model, config.franca
-        if views.global_crops < 2:
-            raise ConfigError(
-                f"views.global_crops={views.global_crops}: Franca needs at least 2 global crops"
-            )
-        if views.channels != model.in_chans:
-            raise ConfigError(
-                f"views.channels={views.channels} differs from model.in_chans={model.in_chans}; "
-                "set both to the same value"
-            )
+        super().__init__(config)  # checks the views (franca_settings.view_spec)
+        model, franca = config.model, config.franca
         if steps_per_epoch < 1 or total_steps < 1:
             raise ValueError(
                 f"steps_per_epoch={steps_per_epoch} and total_steps={total_steps} must be >= 1"
             )
-        self.config = config
         self.total_steps = total_steps
         self.teacher_temp_warmup_steps = min(
             franca.teacher_temp_warmup_epochs * steps_per_epoch, total_steps
@@ -109,10 +100,9 @@ class FrancaMethod(Method):
             }
         )
 
-    @property
-    def view_spec(self) -> ViewConfig:
-        """Multi-crop views with CyclicMask masks on the global crops."""
-        return dataclasses.replace(self.config.views, kind="multicrop", mask="cyclic")
+    def frozen_until(self, name: str) -> int:
+        """DINOv2 freezes the heads' prototypes (last layers) for the first epoch(s)."""
+        return self.freeze_last_layer_steps if is_last_layer_param(name) else 0
 
     def backbone(self) -> nn.Module:
         """The EMA teacher's backbone (used for evaluation and export, as DINOv2)."""
@@ -194,11 +184,11 @@ class FrancaMethod(Method):
         iterations = self.config.franca.sinkhorn_iterations
         teacher = self.teacher["backbone"](global_crops)
         dino = [
-            sinkhorn_knopp(s, teacher_temp, iterations)
+            sinkhorn_knopp(s, teacher_temp, iterations, distributed=True)
             for s in self.teacher["dino_head"](teacher.cls_token)
         ]
         ibot = [
-            sinkhorn_knopp(s, teacher_temp, iterations)
+            sinkhorn_knopp(s, teacher_temp, iterations, distributed=True)
             for s in self.teacher["ibot_head"](teacher.patch_tokens[masks])
         ]
         return dino, ibot

@@ -5,7 +5,13 @@ Per step: the bank entries v_i of the batch rows are fetched while the backbone 
 are drawn once for the whole batch (prefetched during the previous step, after its bank update,
 so they see it); the loss is NCE with a running Monte-Carlo Z plus the proximal term, or the
 exact softmax over the whole bank for small N. ``after_step`` enqueues v_i <- normalize(0.5 v_i +
-0.5 f_i) for the batch rows without waiting. The bank is snapshotted with every checkpoint.
+0.5 f_i) for the batch rows without waiting; ``before_checkpoint`` settles every rank's updates,
+and the bank is snapshotted with every checkpoint.
+
+The driver (:class:`InstDiscDriver`) pins N to the shard set, owns the bank actors (so the bank
+outlives the Train workers) and reports weighted kNN (k=200, sigma=0.07, sec. 3.4) on the
+held-out split two ways: with the bank itself as the training features (the paper's protocol)
+and with recomputed features.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_ssl.config import Config, ConfigError, ViewConfig
-from ray_ssl.eval.knn import weighted_knn_predict
+from ray_ssl.config import Config, ConfigError
+from ray_ssl.eval.knn import weighted_knn_accuracy, weighted_knn_predict
 from ray_ssl.losses.nce import (
     exact_softmax_loss,
     monte_carlo_log_z,
@@ -32,8 +39,10 @@ from ray_ssl.losses.nce import (
 )
 from ray_ssl.memory_bank.bank import BankSpec, PendingNegatives, ShardedMemoryBank
 from ray_ssl.memory_bank.shard import MemoryBankError
-from ray_ssl.methods.base import Batch, Method
-from ray_ssl.models.vit import build_vit, normalize_images
+from ray_ssl.methods.base import Batch, Method, MethodDriver
+from ray_ssl.methods.instdisc_settings import NAME
+from ray_ssl.models.backbone import build_backbone, pooled_features
+from ray_ssl.models.vit import normalize_images
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,7 @@ def bank_name(run_name: str) -> str:
 
 def bank_spec(config: Config) -> BankSpec:
     """The memory bank a config describes (N, D, shards, dtype, names, snapshot prefix)."""
-    inst, train = config.instdisc, config.train
+    inst, train = config.methods[NAME], config.train
     if inst.num_instances is None:
         raise ConfigError(
             "instdisc.num_instances is not set; set it to the shard set's sample count "
@@ -75,52 +84,99 @@ def bank_spec(config: Config) -> BankSpec:
     )
 
 
-class TimmBackbone(nn.Module):
-    """A timm network with its classifier removed (pooled features), e.g. ResNet-50 as in the
-    paper, offering what the export path needs (``timm_name_and_kwargs``, ``timm_state_dict``)."""
-
-    def __init__(self, name: str, in_chans: int) -> None:
-        super().__init__()
-        import timm
-
-        self._name, self._kwargs = name, {"num_classes": 0, "in_chans": in_chans}
-        try:
-            self.net = timm.create_model(name, **self._kwargs)
-        except RuntimeError as err:  # timm's "Unknown model"
-            raise ConfigError(f"instdisc.backbone='{name}' is not 'vit' or a timm model") from err
-        self.num_features = int(self.net.num_features)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
-
-    def timm_name_and_kwargs(self) -> tuple[str, dict]:
-        return self._name, dict(self._kwargs)
-
-    def timm_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.net.state_dict()
-
-
-def build_backbone(config: Config) -> tuple[nn.Module, int]:
-    """(backbone, feature width): the ViT of the model section, or a timm network by name."""
-    if config.instdisc.backbone == "vit":
-        vit = build_vit(config.model)
-        return vit, vit.embed_dim
-    net = TimmBackbone(config.instdisc.backbone, config.views.channels)
-    return net, net.num_features
-
-
 def project(encoder: nn.Module, projection: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised float32 embedding of normalised images: the backbone's pooled feature (the
     CLS token of a ViT) through the linear projection."""
-    out = encoder(images)
-    pooled = out if isinstance(out, torch.Tensor) else out[0]  # ViT: (cls, patches)
-    return F.normalize(projection(pooled).float(), dim=1)
+    return F.normalize(projection(pooled_features(encoder, images)).float(), dim=1)
 
 
 def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+class InstDiscDriver(MethodDriver):
+    """Pins N to the shard set, owns the bank actors for the run, evaluates kNN at the end."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.bank: ShardedMemoryBank | None = None
+
+    def prepare(self, config: Config) -> Config:
+        """``instdisc.num_instances`` from the shard set's sample count (one bank row each)."""
+        from ray_ssl.data.shards import read_manifest
+
+        count = read_manifest(config.data.uri, config.storage).count
+        n = config.methods[NAME].num_instances
+        if n is not None and n != count:
+            raise ConfigError(
+                f"{NAME}.num_instances={n} but {config.data.uri} holds {count} samples; the bank "
+                f"needs one row per sample: set {NAME}.num_instances={count}"
+            )
+        settings = dataclasses.replace(config.methods[NAME], num_instances=count)
+        self.config = dataclasses.replace(config, methods={**config.methods, NAME: settings})
+        return self.config
+
+    def extra_cpus(self) -> float:
+        inst = self.config.methods[NAME]
+        return inst.bank_shards * inst.bank_cpus_per_shard
+
+    def setup(self) -> None:
+        """Create the bank from the driver, so that it outlives the Train workers."""
+        self.bank = ShardedMemoryBank(bank_spec(self.config))
+
+    def teardown(self) -> None:
+        if self.bank is not None:
+            self.bank.shutdown()
+            self.bank = None
+
+    def evaluate(self, load_trained: Callable[[], Method]) -> dict[str, float]:
+        """Weighted kNN top-1 on the held-out split (``eval.knn_max_test`` images), with the
+        whole bank as the labelled memory (paper protocol) and with recomputed features of the
+        first ``eval.knn_max_train`` training images (a full feature pass costs an epoch)."""
+        from ray_ssl.data.stream import load_labelled_arrays
+        from ray_ssl.eval.features import extract_features
+
+        assert self.bank is not None, "setup() creates the bank"
+        config = self.config
+        inst, e, size = config.methods[NAME], config.eval, config.views.global_size
+        method = load_trained()
+        assert isinstance(method, InstDiscMethod)
+        train_images, train_labels, train_idx = load_labelled_arrays(
+            config.data.uri, config.storage, size=size
+        )
+        test_images, test_labels, _ = load_labelled_arrays(
+            config.data.eval_uri, config.storage, limit=e.knn_max_test, size=size
+        )
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        row_labels = np.full(inst.num_instances, -1, dtype=np.int64)
+        row_labels[train_idx] = train_labels
+        network, device = embedding_network(method), torch.device("cpu")
+        test = extract_features(
+            network, test_images, e.feature_batch_size, device, normalize_images
+        )
+        test_labels_t = torch.from_numpy(test_labels)
+        predicted = knn_predict_from_bank(
+            self.bank, row_labels, test, num_classes, inst.knn_k, inst.knn_sigma
+        )
+        subset = slice(0, e.knn_max_train)
+        train = extract_features(
+            network, train_images[subset], e.feature_batch_size, device, normalize_images
+        )
+        recomputed = weighted_knn_accuracy(
+            train,
+            torch.from_numpy(train_labels[subset]),
+            test,
+            test_labels_t,
+            num_classes,
+            inst.knn_k,
+            inst.knn_sigma,
+        )
+        return {
+            "knn_bank_top1": float((predicted == test_labels_t).float().mean()),
+            "knn_recomputed_top1": recomputed,
+        }
 
 
 class InstDiscMethod(Method):
@@ -130,20 +186,12 @@ class InstDiscMethod(Method):
     dense dataset index that is the sample's bank row.
     """
 
+    driver_class = InstDiscDriver
+
     def __init__(self, config: Config, steps_per_epoch: int, total_steps: int) -> None:
-        super().__init__()
-        inst = config.instdisc
-        if inst.negatives < 1 or inst.temperature <= 0 or not 0 <= inst.z_momentum < 1:
-            raise ConfigError(
-                f"instdisc.negatives={inst.negatives} must be >= 1, instdisc.temperature="
-                f"{inst.temperature} > 0 and instdisc.z_momentum={inst.z_momentum} in [0, 1)"
-            )
-        if inst.backbone == "vit" and config.views.channels != config.model.in_chans:
-            raise ConfigError(
-                f"views.channels={config.views.channels} differs from model.in_chans="
-                f"{config.model.in_chans}; set both to the same value"
-            )
-        self.config, self.inst = config, inst
+        super().__init__(config)  # checks the views (instdisc_settings.view_spec)
+        inst = config.methods[NAME]
+        self.inst = inst
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.spec = bank_spec(config)
         if inst.exact_softmax and self.spec.size > EXACT_SOFTMAX_MAX_INSTANCES:
@@ -152,7 +200,9 @@ class InstDiscMethod(Method):
                 f"above {EXACT_SOFTMAX_MAX_INSTANCES}: use NCE (instdisc.exact_softmax=false)"
             )
         self.num_instances = self.spec.size
-        self.encoder, width = build_backbone(config)
+        self.encoder, width = build_backbone(
+            inst.backbone, config.model, config.views.channels, f"{NAME}.backbone"
+        )
         self.projection = nn.Linear(width, inst.feature_dim)  # 128-d embedding (paper sec. 3)
         # Running log Z (None until the first batch): a Python float kept in the state dict via
         # get_extra_state, so a bf16/fp16 engine does not round it as it would a buffer.
@@ -162,13 +212,6 @@ class InstDiscMethod(Method):
         self._prefetched: tuple[int, PendingNegatives] | None = None
 
     # -- contract ------------------------------------------------------------------------------
-    @property
-    def view_spec(self) -> ViewConfig:
-        """One augmented view per sample (paper sec. 4: random crop, jitter, grayscale, flip)."""
-        return dataclasses.replace(
-            self.config.views, kind="single", global_crops=1, local_crops=0, mask="none"
-        )
-
     def backbone(self) -> nn.Module:
         return self.encoder
 
@@ -231,13 +274,20 @@ class InstDiscMethod(Method):
         self._pending_update = None
         self.bank.update(rows, features, self.inst.bank_momentum)
         done = step + 1
-        if done % self.config.train.checkpoint_every == 0 or done == self.total_steps:
-            self._settle_updates()  # the checkpoint after this step must hold every rank's update
         if not self.inst.exact_softmax and done < self.total_steps:
             self._prefetched = (
                 done,
                 self.bank.prefetch_negatives(self.inst.negatives, self._seed(done)),
             )
+
+    def before_checkpoint(self, step: int) -> None:
+        """The checkpoint must hold every rank's updates: settle them, and drop negatives that
+        were prefetched before the other ranks' updates landed (a resumed run draws them after)."""
+        self.bank.flush()
+        _, world_size = _distributed()
+        if world_size > 1:
+            torch.distributed.barrier()
+        self._prefetched = None
 
     def save_extra_state(self, directory: str, step: int) -> None:
         """Snapshot every shard to run storage and point the checkpoint at it (rank 0)."""
@@ -287,12 +337,6 @@ class InstDiscMethod(Method):
         log_z = running_log_z(previous, batch_log_z.cpu(), self.inst.z_momentum)
         self.log_z = float(log_z)
         return log_z.float()
-
-    def _settle_updates(self) -> None:
-        self.bank.flush()
-        _, world_size = _distributed()
-        if world_size > 1:
-            torch.distributed.barrier()
 
 
 @torch.no_grad()

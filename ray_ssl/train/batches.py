@@ -105,6 +105,7 @@ class PassStream:
             self.views,
             self.device,
             self.config.data.max_corrupt_fraction,
+            prefetch_batches=self.config.data.prefetch_batches,
         )
         if self.position:
             log.info("pass %d: skipping %d consumed batches", self.pass_index, self.position)

@@ -1,4 +1,5 @@
-"""Checkpoints of a training run, and the export of the teacher backbone.
+"""Checkpoints of a training run, and the export of the teacher backbone; the only module that
+knows DeepSpeed's checkpoint layout.
 
 A checkpoint directory holds DeepSpeed's per-rank shards (``ds/``; every rank writes files with
 distinct names, Ray Train merges the ranks' directories), each rank's RNG state, the method's
@@ -28,6 +29,7 @@ from ray_ssl.storage import resolve, write_bytes_atomic
 log = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "ds"
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole module, on rank 0
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
@@ -170,15 +172,22 @@ def export_backbone(
     return weights.uri
 
 
-def load_exported_backbone(uri: str, storage: StorageConfig | None = None) -> nn.Module:
-    """``timm.create_model`` from an export directory's sidecar, with its weights loaded."""
-    import timm
-    from safetensors.torch import load
-
-    from ray_ssl.storage import read_bytes
+def load_module_state(uri: str, storage: StorageConfig, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole module's float32 state dict from a checkpoint directory (local or ``s3://``),
+    on the caller's CPU: DeepSpeed's ``mp_rank_00_model_states.pt`` under ZeRO 0-2, the ranks'
+    partitions merged under ZeRO-3."""
+    import tempfile
 
     loc = resolve(uri, storage)
-    meta = json.loads(read_bytes(loc.join(EXPORT_META)))
-    model = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"])
-    model.load_state_dict(load(read_bytes(loc.join(meta["weights"]))))
-    return model
+    with tempfile.TemporaryDirectory(prefix="ray-ssl-ckpt-") as tmp:
+        loc.fs.get(loc.path.rstrip("/") + "/", tmp, recursive=True)
+        if zero_stage < 3:
+            states = torch.load(
+                Path(tmp) / DEEPSPEED_TAG / DEEPSPEED_MODEL_STATES,
+                map_location="cpu",
+                weights_only=False,
+            )
+            return states["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=DEEPSPEED_TAG)

@@ -1,11 +1,13 @@
-"""DeepSpeed engine for a Method: ZeRO config, DINOv2 parameter groups, per-step schedules.
+"""DeepSpeed engine for a Method: ZeRO config, the method's parameter groups, per-step schedules.
 
 The whole :class:`~ray_ssl.methods.base.Method` (student, heads and the frozen EMA teacher) is the
 engine's module, so under ZeRO-3 the teacher's parameters are partitioned exactly like the
 student's and the method's EMA updates local partitions. Only parameters with
-``requires_grad`` reach the optimizer. The learning rate and weight decay of every step are
-written into the optimizer's ``param_groups`` (each group carries its multipliers), which is how
-DINOv2 applies its schedules; DeepSpeed keeps those extra keys on its ZeRO optimizers' groups.
+``requires_grad`` reach the optimizer, in the groups the method defines
+(:meth:`~ray_ssl.methods.base.Method.param_groups`). The learning rate and weight decay of every
+step are written into the optimizer's ``param_groups`` (each group carries its multipliers and
+the step its freeze ends), which is how DINOv2 applies its schedules; DeepSpeed keeps those extra
+keys on its ZeRO optimizers' groups.
 """
 
 from __future__ import annotations
@@ -20,63 +22,27 @@ import torch
 from torch import nn
 
 from ray_ssl.config import Config, OptimConfig
-from ray_ssl.models.heads import is_last_layer_param
+from ray_ssl.methods.base import Method
 from ray_ssl.train.schedules import StepValues, TrainSchedules
 
 log = logging.getLogger(__name__)
 
-# Parameters without weight decay (DINOv2 get_params_groups_with_decay: biases, norms and
-# LayerScale "gamma"; plus the learned tokens and position embedding, timm's no_weight_decay()).
-NO_DECAY_SUFFIXES = (
-    ".bias",
-    "cls_token",
-    "pos_embed",
-    "mask_token",
-    "reg_token",
-    "register_tokens",
-)
-NO_DECAY_SUBSTRINGS = ("norm", "gamma")
-PATCH_EMBED_KEY = "patch_embed"
 NEVER_PRINT = 2**31 - 1  # DeepSpeed steps_per_print: we report metrics ourselves
-
-
-def param_groups(module: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """Trainable parameters of ``module`` in groups of equal (lr_mult, wd_mult, is_last_layer).
-
-    Each group dict holds ``params``, ``lr_mult``, ``wd_mult``, ``is_last_layer`` and ``names``.
-    """
-    groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = name.endswith(NO_DECAY_SUFFIXES) or any(s in name for s in NO_DECAY_SUBSTRINGS)
-        lr_mult = optim.patch_embed_lr_mult if PATCH_EMBED_KEY in name else 1.0
-        # DINO/iBOT heads' prototype layer: lr 0 for the first epoch(s), as DINOv2.
-        key = (lr_mult, 0.0 if no_decay else 1.0, is_last_layer_param(name))
-        group = groups.setdefault(
-            key,
-            {
-                "params": [],
-                "names": [],
-                "lr_mult": key[0],
-                "wd_mult": key[1],
-                "is_last_layer": key[2],
-            },
-        )
-        group["params"].append(param)
-        group["names"].append(name)
-    if not groups:
-        raise ValueError("the method has no trainable parameters (requires_grad=True)")
-    return list(groups.values())
 
 
 def build_optimizer(
     groups: list[dict[str, Any]], optim: OptimConfig, fused: bool
 ) -> torch.optim.Optimizer:
-    """AdamW (DINOv2) or SGD with momentum (InstDisc); lr/wd are set per step by the schedules."""
+    """AdamW (DINOv2), SGD with momentum (InstDisc) or LARS (SimCLR, VICReg; timm's, whose
+    trust ratio skips groups without weight decay, as VICReg's exclude_bias_and_norm); lr and
+    weight decay are set per step by the schedules."""
     torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if optim.name == "sgd":
         return torch.optim.SGD(torch_groups, lr=0.0, momentum=optim.momentum_sgd, weight_decay=0.0)
+    if optim.name == "lars":
+        from timm.optim import Lars
+
+        return Lars(torch_groups, lr=0.0, momentum=optim.momentum_sgd, weight_decay=0.0)
     return torch.optim.AdamW(torch_groups, lr=0.0, betas=optim.betas, weight_decay=0.0, fused=fused)
 
 
@@ -144,7 +110,7 @@ class TrainEngine:
         """Write this step's lr and weight decay into every optimizer param group."""
         values = self.schedules.at(step)
         for group in self.engine.optimizer.param_groups:
-            lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+            lr = 0.0 if step < group["frozen_until"] else values.lr
             group["lr"] = lr * group["lr_mult"]
             group["weight_decay"] = values.weight_decay * group["wd_mult"]
         return values
@@ -175,13 +141,13 @@ class TrainEngine:
             params[0].all_gather(params)
 
 
-def build_engine(method: nn.Module, config: Config, schedules: TrainSchedules) -> TrainEngine:
+def build_engine(method: Method, config: Config, schedules: TrainSchedules) -> TrainEngine:
     """Wrap ``method`` in a DeepSpeed engine configured from ``config``."""
     import deepspeed
 
     ensure_distributed(config.train.use_gpu)
     world_size = torch.distributed.get_world_size()
-    groups = param_groups(method, config.optim)
+    groups = method.param_groups(config.optim)
     fused = config.train.use_gpu and torch.cuda.is_available()
     optimizer = build_optimizer(groups, config.optim, fused=fused)
     engine, _, _, _ = deepspeed.initialize(

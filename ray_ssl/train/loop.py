@@ -4,8 +4,8 @@ The shape of Ray's ``deepspeed_torch_trainer.py`` example: every worker builds t
 engine, restores the latest checkpoint if Ray Train has one, then per step takes a batch, runs
 ``method(batch, step)``, ``engine.backward``, ``engine.step`` and ``method.after_step``. Every
 ``log_every`` steps it reports metrics averaged over the workers; every ``checkpoint_every``
-steps (and at the end) every rank writes its shard of a checkpoint and reports it, and Ray Train
-merges the ranks' directories into one checkpoint.
+steps (and at the end) every rank calls ``method.before_checkpoint``, writes its shard of a
+checkpoint and reports it, and Ray Train merges the ranks' directories into one checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ray.train
 import torch
 
 from ray_ssl.config import Config, config_from_dict
-from ray_ssl.methods.factory import build_method
+from ray_ssl.methods.registry import build_method
 from ray_ssl.train.batches import PassStream
 from ray_ssl.train.checkpoint import (
     TrainState,
@@ -153,6 +153,7 @@ class WorkerRun:
         if not checkpoint:
             ray.train.report(metrics)
             return
+        self.engine.module.before_checkpoint(self.state.step)
         with tempfile.TemporaryDirectory(prefix="ray-ssl-ckpt-") as directory:
             save_checkpoint(directory, self.engine, self.state, self.config, self.rank)
             ray.train.report(

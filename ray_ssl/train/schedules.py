@@ -4,9 +4,8 @@ The shapes are DINOv2's ``CosineScheduler`` (arXiv 2304.07193, ``dinov2/utils/ut
 an optional linear warm-up (``numpy.linspace(start, base, warmup_steps)``, both ends included)
 followed by a half cosine from ``base`` to ``final`` over the remaining steps; at or past
 ``total_steps`` the value is ``final``. Being closed-form, a schedule needs no state, so a resumed
-run gets the same value at the same step. The teacher's momentum and temperature schedules are
-the method's own (``ray_ssl.methods.franca``); ``tests/test_schedules.py`` checks that they follow
-:func:`cosine_schedule`.
+run gets the same value at the same step. Schedules of a method's own (an EMA teacher's momentum)
+and its freeze rules (parameter groups whose learning rate is 0 for a while) live with the method.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import math
 from dataclasses import dataclass
 
 from ray_ssl.config import Config, OptimConfig
-
-LR_REFERENCE_RULE = "sqrt"  # DINOv2 scaling_rule sqrt_wrt_1024
 
 
 def cosine_schedule(
@@ -53,8 +50,10 @@ def step_decay_schedule(step: int, base: float, milestones: list[int], gamma: fl
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
-    """Peak learning rate: ``base_lr * sqrt(global_batch / reference)`` (DINOv2 sqrt_wrt_1024)."""
-    return optim.base_lr * math.sqrt(global_batch / optim.lr_reference_batch)
+    """Peak learning rate at ``global_batch``: ``base_lr * sqrt(batch / reference)`` (DINOv2
+    sqrt_wrt_1024) or ``base_lr * batch / reference`` (SimCLR, VICReg: lr x batch / 256)."""
+    ratio = global_batch / optim.lr_reference_batch
+    return optim.base_lr * (math.sqrt(ratio) if optim.lr_scaling == "sqrt" else ratio)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,6 @@ class StepValues:
     """What the optimizer needs at one step."""
 
     lr: float
-    last_layer_lr: float
     weight_decay: float
 
 
@@ -76,16 +74,14 @@ class TrainSchedules:
     total_steps: int
     weight_decay: float
     weight_decay_end: float
-    freeze_last_layer_steps: int
     lr_milestone_steps: tuple[int, ...] = ()
     lr_gamma: float = 1.0
 
     @classmethod
     def from_config(cls, config: Config, steps_per_epoch: int) -> TrainSchedules:
         """Schedules of ``config`` where one epoch is ``steps_per_epoch`` optimizer steps."""
-        o, f = config.optim, config.franca
+        o = config.optim
         total = config.train.epochs * steps_per_epoch
-        freeze_epochs = f.freeze_last_layer_epochs if config.train.method == "franca" else 0
         return cls(
             peak_lr=scaled_lr(o, config.data.batch_size),
             min_lr=o.min_lr,
@@ -93,7 +89,6 @@ class TrainSchedules:
             total_steps=total,
             weight_decay=o.weight_decay,
             weight_decay_end=o.weight_decay_end,
-            freeze_last_layer_steps=freeze_epochs * steps_per_epoch,
             lr_milestone_steps=tuple(e * steps_per_epoch for e in o.lr_milestones),
             lr_gamma=o.lr_gamma,
         )
@@ -107,11 +102,8 @@ class TrainSchedules:
         return cosine_schedule(step, self.peak_lr, self.min_lr, self.total_steps, self.warmup_steps)
 
     def at(self, step: int) -> StepValues:
-        lr = self.lr(step)
         return StepValues(
-            lr=lr,
-            # DINOv2 freezes the head's last layer for the first epoch(s) by zeroing its lr.
-            last_layer_lr=0.0 if step < self.freeze_last_layer_steps else lr,
+            lr=self.lr(step),
             weight_decay=cosine_schedule(
                 step, self.weight_decay, self.weight_decay_end, self.total_steps
             ),

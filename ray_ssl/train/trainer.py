@@ -5,7 +5,9 @@ dataclasses cannot express, missing or too-small shard sets, images smaller than
 run directory that already holds a run of another model or worker layout. Launching the same
 ``train.run_name`` under the same ``train.storage_path`` again resumes from its latest checkpoint
 (Ray Train restores the run's checkpoint list; each worker loads it in ``train_loop_per_worker``).
-After training, the driver writes the report (kNN of the teacher against raw pixels) and curves.
+Around training the method's driver (:class:`~ray_ssl.methods.base.MethodDriver`) completes the
+config, starts and stops what must outlive the workers, and runs the method's final evaluation;
+the driver also writes the report (kNN of the backbone against raw pixels) and curves.
 """
 
 from __future__ import annotations
@@ -13,15 +15,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ray_ssl.config import Config, ConfigError, to_dict
+from ray_ssl.config import Config, ConfigError, method_plugin, to_dict, training_views
 from ray_ssl.data.shards import Manifest, read_manifest
-from ray_ssl.storage import read_bytes, resolve, s3_options, write_bytes_atomic
-from ray_ssl.train.checkpoint import STATE_FILE, CheckpointError, TrainState
+from ray_ssl.methods.base import Method, MethodDriver
+from ray_ssl.methods.registry import build_method, method_driver
+from ray_ssl.storage import absolute_uri, read_bytes, resolve, s3_options, write_bytes_atomic
+from ray_ssl.train.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    TrainState,
+    load_module_state,
+)
 from ray_ssl.train.loop import EXPORT_DIR, LoopPlan, loop_config_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -31,13 +41,6 @@ RUN_CONFIG_FILE = "ray_ssl_config.json"
 # started with other values cannot be resumed by this config. (Regularisation such as drop-path
 # and the schedules may change between launches.)
 MODEL_SHAPE_KEYS = ("arch", "depth", "patch_size", "img_size", "in_chans", "num_registers")
-METHOD_SHAPE_KEYS = {
-    "franca": (
-        "prototypes", "ibot_prototypes", "nesting_levels", "head_hidden_dim",
-        "head_bottleneck_dim", "ibot_head_bottleneck_dim", "head_layers",
-    ),
-    "instdisc": ("backbone", "feature_dim"),
-}  # fmt: skip
 LAYOUT_KEYS = ("method", "num_workers", "zero_stage")
 
 
@@ -46,7 +49,7 @@ def state_shaping_keys(config: Config) -> list[tuple[str, str]]:
     method = config.train.method
     return [
         *(("model", k) for k in MODEL_SHAPE_KEYS),
-        *((method, k) for k in METHOD_SHAPE_KEYS.get(method, ())),
+        *((method, k) for k in method_plugin(method).shape_keys),
         *(("train", k) for k in LAYOUT_KEYS),
     ]
 
@@ -60,6 +63,14 @@ class TrainingOutcome:
     metrics: dict[str, Any]
     report_uri: str | None
     export_uri: str
+    evaluation: dict[str, float]  # the method's final evaluation (name -> value)
+
+    def summary_lines(self) -> list[str]:
+        """What a job prints when the run is done: where things are, then ``name=value`` lines."""
+        lines = [f"run directory: {self.run_uri}", f"exported backbone: {self.export_uri}"]
+        if self.report_uri:
+            lines.append(f"report: {self.report_uri}")
+        return lines + [f"{name}={value:.4f}" for name, value in self.evaluation.items()]
 
 
 def run_uri_of(config: Config) -> str:
@@ -71,6 +82,7 @@ def run_uri_of(config: Config) -> str:
 
 
 def _check_config(config: Config) -> None:
+    training_views(config)  # the method can honour the view settings
     t, v, e = config.train, config.views, config.eval
     if t.precision != "fp32" and not t.use_gpu:
         raise ConfigError(
@@ -243,23 +255,47 @@ def write_run_report(config: Config, plan: LoopPlan, history: list[dict[str, flo
     return run.join(REPORT_FILE).uri
 
 
-def _absolute(uri: str | None) -> str | None:
-    """Local paths made absolute (workers do not share the driver's working directory)."""
-    if uri is None or uri.startswith("s3://"):
-        return uri
-    return resolve(uri).path
-
-
 def with_absolute_paths(config: Config) -> Config:
-    """``config`` with its local data and storage paths made absolute."""
+    """``config`` with its local data and storage paths made absolute (workers do not share the
+    driver's working directory)."""
     data = dataclasses.replace(
-        config.data, uri=_absolute(config.data.uri), eval_uri=_absolute(config.data.eval_uri)
+        config.data,
+        uri=absolute_uri(config.data.uri),
+        eval_uri=absolute_uri(config.data.eval_uri),
     )
-    train = dataclasses.replace(config.train, storage_path=_absolute(config.train.storage_path))
+    train = dataclasses.replace(config.train, storage_path=absolute_uri(config.train.storage_path))
     evaluation = dataclasses.replace(
-        config.eval, knn_train_uri=_absolute(config.eval.knn_train_uri)
+        config.eval, knn_train_uri=absolute_uri(config.eval.knn_train_uri)
     )
     return dataclasses.replace(config, data=data, train=train, eval=evaluation)
+
+
+def _init_ray(config: Config, driver: MethodDriver) -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray with logical CPUs for every Train worker,
+    one Ray Data task and the method's own actors (mostly idle, even on fewer cores)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    extra = driver.extra_cpus()
+    if address or not extra:
+        ray.init(address=address)
+        return
+    t = config.train
+    needed = t.num_workers * t.cpus_per_worker + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + math.ceil(extra))
+
+
+def _trained_method(config: Config, checkpoint: Any) -> Method:
+    """The method with the weights of a checkpoint, on the driver's CPU (inference only)."""
+    method = build_method(config, steps_per_epoch=1, total_steps=1)
+    uri = checkpoint.path
+    if config.train.storage_path.startswith("s3://"):
+        uri = f"s3://{uri}"
+    state = load_module_state(uri, config.storage, config.train.zero_stage)
+    method.load_state_dict(state, strict=False)  # extra state (e.g. a running Z) is not needed
+    return method.eval()
 
 
 def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutcome:
@@ -267,13 +303,12 @@ def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutco
 
     ``callbacks`` go to Ray Train (a Tune sweep passes ``TuneReportCallback``).
     """
-    import ray
-
     config = with_absolute_paths(config)
+    driver = method_driver(config)
+    config = driver.prepare(config)
     plan, _ = plan_run(config)
     check_run_directory(config)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    _init_ray(config, driver)
     _save_run_config(config)
     log.info(
         "training %s: %d steps (%d per epoch, %d per data pass) of global batch %d on %d workers",
@@ -284,15 +319,21 @@ def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutco
         config.data.batch_size,
         config.train.num_workers,
     )
-    result = build_trainer(config, plan, callbacks).fit()
-    report_uri = None
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
-    if result.checkpoint is not None and config.data.eval_uri is not None:
-        report_uri = write_run_report(config, plan, _final_state(result.checkpoint).history)
+    driver.setup()
+    try:
+        result = build_trainer(config, plan, callbacks).fit()
+        report_uri, evaluation = None, {}
+        checkpoint = result.checkpoint
+        if checkpoint is not None and config.data.eval_uri is not None:
+            report_uri = write_run_report(config, plan, _final_state(checkpoint).history)
+            evaluation = driver.evaluate(lambda: _trained_method(config, checkpoint))
+    finally:
+        driver.teardown()
     return TrainingOutcome(
         run_uri=plan.run_uri,
-        checkpoint_path=checkpoint_path,
+        checkpoint_path=checkpoint.path if checkpoint is not None else None,
         metrics=dict(result.metrics or {}),
         report_uri=report_uri,
         export_uri=f"{plan.run_uri}/{EXPORT_DIR}",
+        evaluation=evaluation,
     )
