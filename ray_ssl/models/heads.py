@@ -129,3 +129,26 @@ class MatryoshkaHeads(nn.Module):
 def is_last_layer_param(name: str) -> bool:
     """Whether a parameter name (from ``named_parameters``) is a prototype (last-layer) weight."""
     return ".last_layer." in f".{name}"
+
+
+class BatchNormMLP(nn.Module):
+    """``Linear -> BatchNorm -> ReLU`` for every hidden width, then a bias-free ``Linear``.
+
+    The VICReg expander (Bardes et al., ICLR 2022 sec. 4.2; facebookresearch/vicreg ``Projector``:
+    widths 8192-8192-8192 on ResNet-50) and, with one hidden layer, the SimCLR projection head
+    g(h) = W2 ReLU(W1 h) (Chen et al., ICML 2020 sec. 2.1; BatchNorm after W1 as in its
+    released code). ``dims`` = [input, hidden..., output].
+    """
+
+    def __init__(self, dims: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        if len(dims) < 2 or min(dims) < 1:
+            raise ValueError(f"MLP widths must be >= 1 and at least [in, out], got {list(dims)}")
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(dims[:-2], dims[1:-1], strict=True):
+            layers += [nn.Linear(width_in, width_out), nn.BatchNorm1d(width_out), nn.ReLU(True)]
+        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
