@@ -54,6 +54,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
     run_training(load_config(args.preset, args.overrides))
 
 
+def _cmd_rasa(args: argparse.Namespace) -> None:
+    from ray_ssl.train.rasa_job import run_rasa
+
+    # argparse leaves overrides that follow an option to that option (nargs="+"): collect them.
+    (data, *after_data), (eval_data, *after_eval) = args.data, args.eval_data or ["null"]
+    overrides = [
+        f"data.uri={data}",
+        f"data.eval_uri={eval_data}",
+        *args.overrides,
+        *after_data,
+        *after_eval,
+    ]
+    outcome = run_rasa(args.export, load_config(args.preset, overrides))
+    mse, knn = outcome.report["position_mse"], outcome.report["knn"]
+    print(f"position MSE {mse['before']:.5f} -> {mse['after']:.5f} (chance {mse['chance']:.5f})")
+    if knn is not None:
+        print(f"kNN top-1 (mean patch token) {knn['before']:.4f} -> {knn['after']:.4f}")
+    print(f"wrote {outcome.basis_uri} and {outcome.report_uri}")
+
+
 def _cmd_curate(args: argparse.Namespace) -> None:
     from ray_ssl.curation.pipeline import run_curation
 
@@ -104,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="pretrain with Ray Train + DeepSpeed")
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
+
+    rasa = sub.add_parser(
+        "rasa", help="fit RASA (remove absolute position) for an exported backbone"
+    )
+    rasa.add_argument("export", help="export directory or .safetensors file of a training run")
+    rasa.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar=("URI", "key.sub=value"),
+        help="shard set URI to fit on",
+    )
+    rasa.add_argument(
+        "--eval-data",
+        nargs="+",
+        metavar=("URI", "key.sub=value"),
+        help="labelled held-out shard set (default: a split of --data)",
+    )
+    _add_config_args(rasa)
+    rasa.set_defaults(func=_cmd_rasa)
 
     curate = sub.add_parser("curate", help="hierarchical k-means curation of a shard set")
     _add_config_args(curate, default_preset="curate_local")

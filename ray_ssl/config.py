@@ -178,6 +178,21 @@ class EvalConfig:
 
 
 @dataclass
+class RasaConfig:
+    """RASA (Franca arXiv 2507.14137 sec. 3.3): the recipe of valeoai/Franca rasa_franca.yml."""
+
+    rounds: int = 9  # T: one plane (2 directions) removed per round
+    epochs: int = 5  # per round
+    steps_per_epoch: int | None = None  # None = one pass over data.uri
+    batch_size: int = 128  # images per step
+    lr: float = 2.0e-4  # AdamW, cosine to min_lr within each round
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    probe_images: int = 1000  # images whose patch tokens train / test the fresh position probe
+    seed: int = 0
+
+
+@dataclass
 class CurationConfig:
     """Hierarchical k-means curation (arXiv 2405.15613)."""
 
@@ -223,6 +238,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    rasa: RasaConfig = field(default_factory=RasaConfig)
     # Every registered method's settings by method name (section ``<name>`` of presets, overrides
     # and saved configs); ``config.<name>`` reads one.
     methods: dict[str, Any] = field(default_factory=dict)
