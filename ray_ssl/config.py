@@ -188,6 +188,9 @@ class RasaConfig:
     lr: float = 2.0e-4  # AdamW, cosine to min_lr within each round
     min_lr: float = 0.0
     weight_decay: float = 0.0
+    # Stream one epoch through the frozen backbone and reuse its tokens in every round and epoch
+    # (the reference draws new views each epoch; this saves rounds x epochs - 1 forward passes).
+    cache_tokens: bool = False
     probe_images: int = 1000  # images whose patch tokens train / test the fresh position probe
     seed: int = 0
 

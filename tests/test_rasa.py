@@ -78,8 +78,10 @@ def test_rasa_removes_a_planted_position_code_and_keeps_the_class_code(planted_f
     train, y_train = tokens.sample(FAST.probe_images)
     test, y_test = tokens.sample(FAST.probe_images)
     chance = chance_position_mse(GRID)
-    before = probe_position_mse(train, test, FAST)
-    after = probe_position_mse(remove_subspace(train, basis), remove_subspace(test, basis), FAST)
+    before = probe_position_mse(train, test, STEPS_PER_ROUND, FAST)
+    after = probe_position_mse(
+        remove_subspace(train, basis), remove_subspace(test, basis), STEPS_PER_ROUND, FAST
+    )
     assert before < 0.1 * chance  # the code is there and the probe finds it
     assert after >= 0.95 * chance
     linear_after = least_squares_position_mse(

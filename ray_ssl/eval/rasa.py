@@ -171,7 +171,7 @@ def fit_rasa(next_tokens: TokenSource, dim: int, steps_per_round: int, cfg: Rasa
     return RasaFit(basis, losses)
 
 
-def _token_batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+def shuffled_batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Shuffled batches of ``batch_size`` images' tokens, epoch after epoch, forever."""
     generator = torch.Generator().manual_seed(seed)
     while True:
@@ -181,12 +181,11 @@ def _token_batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterator
 
 
 def probe_position_mse(
-    train_tokens: torch.Tensor, test_tokens: torch.Tensor, cfg: RasaConfig
+    train_tokens: torch.Tensor, test_tokens: torch.Tensor, steps: int, cfg: RasaConfig
 ) -> float:
-    """Test MSE of a fresh regressor (a RASA round's recipe, ``cfg.epochs`` over the train
-    tokens [M, N, D]) on held-out tokens: how much position a new probe still finds."""
-    steps = cfg.epochs * math.ceil(len(train_tokens) / cfg.batch_size)
-    batches = _token_batches(train_tokens, cfg.batch_size, cfg.seed)
+    """Test MSE of a fresh regressor trained as one RASA round (``steps`` batches drawn from the
+    train tokens [M, N, D]) on held-out tokens: how much position a new probe still finds."""
+    batches = shuffled_batches(train_tokens, cfg.batch_size, cfg.seed)
     regressor, _ = train_position_regressor(batches, steps, train_tokens.shape[-1], cfg)
     with torch.no_grad():
         return float(position_mse(regressor, test_tokens.float()))

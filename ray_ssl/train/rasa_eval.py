@@ -61,9 +61,17 @@ def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 class RasaEvaluator:
     """Holds the held-out images; :meth:`report` scores a backbone and a basis Q."""
 
-    def __init__(self, config: Config, export: ExportInfo, num_classes: int, device: torch.device):
+    def __init__(
+        self,
+        config: Config,
+        export: ExportInfo,
+        num_classes: int,
+        probe_steps: int,
+        device: torch.device,
+    ):
         e, size = config.eval, export.img_size
         self.cfg, self.grid, self.device = config.rasa, export.grid, device
+        self.probe_steps = probe_steps
         self.batch_size = e.feature_batch_size
         self.knn_k, self.knn_temperature = e.knn_k, e.knn_temperature
         self.num_classes = num_classes
@@ -118,8 +126,8 @@ class RasaEvaluator:
         test_cls, test_mean, test_tokens = self._features(backbone, self.test[0])
         train_after, test_after = (remove_subspace(t, basis) for t in (train_tokens, test_tokens))
         chance = chance_position_mse(self.grid)
-        before = probe_position_mse(train_tokens, test_tokens, self.cfg)
-        after = probe_position_mse(train_after, test_after, self.cfg)
+        before = probe_position_mse(train_tokens, test_tokens, self.probe_steps, self.cfg)
+        after = probe_position_mse(train_after, test_after, self.probe_steps, self.cfg)
         num_patches = self.grid * self.grid
         pos_embed = backbone.pos_embed.detach().float().cpu()[0, -num_patches:]
         cos_removed, cos_kept = removed_cosine(test_tokens, basis, pos_embed)

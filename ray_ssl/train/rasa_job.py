@@ -167,7 +167,7 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
             f"rasa.batch_size={config.rasa.batch_size} is larger than the {manifest.count} "
             f"samples of {config.data.uri}; lower it"
         )
-    steps_per_round = config.rasa.epochs * (config.rasa.steps_per_epoch or steps_per_pass)
+    steps_per_epoch = config.rasa.steps_per_epoch or steps_per_pass
     import ray
 
     if not ray.is_initialized():
@@ -176,7 +176,7 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
         "RASA on %s: %d rounds of %d steps of %d images, grid %dx%d",
         export.weights_uri,
         config.rasa.rounds,
-        steps_per_round,
+        config.rasa.epochs * steps_per_epoch,
         config.rasa.batch_size,
         export.grid,
         export.grid,
@@ -185,7 +185,7 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
         "config": to_dict(config),
         "export": asdict(export),
         "steps_per_pass": steps_per_pass,
-        "steps_per_round": steps_per_round,
+        "steps_per_epoch": steps_per_epoch,
         "num_classes": len(manifest.classes),
     }
     result = _trainer(config, loop_config).fit()
@@ -235,7 +235,7 @@ def rasa_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from ray_ssl.eval.rasa import fit_rasa, save_rasa_basis
+    from ray_ssl.eval.rasa import fit_rasa, save_rasa_basis, shuffled_batches
     from ray_ssl.train.batches import PassStream
     from ray_ssl.train.loop import _configure_logging
     from ray_ssl.train.rasa_eval import RasaEvaluator, frozen_backbone, patch_tokens
@@ -253,14 +253,20 @@ def rasa_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def next_tokens() -> torch.Tensor:
         return patch_tokens(backbone, stream.next_batch()["global_crops"])
 
+    cfg, steps_per_epoch = config.rasa, loop_config["steps_per_epoch"]
+    steps_per_round = cfg.epochs * steps_per_epoch
     started = time.perf_counter()
-    fit = fit_rasa(next_tokens, backbone.num_features, loop_config["steps_per_round"], config.rasa)
+    source = next_tokens
+    if cfg.cache_tokens:
+        cached = torch.cat([next_tokens() for _ in range(steps_per_epoch)])
+        source = shuffled_batches(cached, cfg.batch_size, cfg.seed).__next__
+    fit = fit_rasa(source, backbone.num_features, steps_per_round, cfg)
     fit_seconds = time.perf_counter() - started
-    evaluator = RasaEvaluator(config, export, loop_config["num_classes"], device)
+    evaluator = RasaEvaluator(config, export, loop_config["num_classes"], steps_per_round, device)
     report = evaluator.report(backbone, fit.basis)
     report.update(
         round_losses=fit.round_losses,
-        steps_per_round=loop_config["steps_per_round"],
+        steps_per_round=steps_per_round,
         fit_seconds=fit_seconds,
         samples_seen=stream.seen,
         corrupt_samples=stream.corrupt,
