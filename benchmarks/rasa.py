@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--eval-data")
     parser.add_argument("--workdir", help="shards and runs go here (default: a temporary dir)")
     parser.add_argument("--no-cache", action="store_true", help="rasa.cache_tokens=false")
+    parser.add_argument("--lr", type=float, help="rasa.lr (default: the paper's 2e-4)")
     args = parser.parse_args()
     if args.export and not (args.data and args.eval_data):
         parser.error("--export needs --data and --eval-data")
@@ -112,6 +113,7 @@ def main() -> None:
         f"train.storage_path={workdir / 'runs'}",
         f"rasa.cache_tokens={'false' if args.no_cache else 'true'}",
         *RASA_OVERRIDES[args.quick],
+        *([f"rasa.lr={args.lr}"] if args.lr else []),
     ]
     report = run_rasa(export, load_config("local", overrides)).report
     finished = time.perf_counter()
@@ -126,7 +128,10 @@ def main() -> None:
     )
     print(f"round losses: {', '.join(f'{x:.4f}' for x in report['round_losses'])}")
     print(f"position MSE chance            {mse['chance']:.5f}")
-    print(f"position MSE sigmoid probe     {mse['before']:.5f} -> {mse['after']:.5f}")
+    print(
+        f"position MSE sigmoid probe     {mse['before']:.5f} -> {mse['after']:.5f} "
+        f"(before/chance {mse['before_vs_chance']:.3f}; lr {report['config']['rasa']['lr']})"
+    )
     print(
         f"position MSE least squares     {mse['least_squares_before']:.5f} -> "
         f"{mse['least_squares_after']:.5f} (after/chance "
