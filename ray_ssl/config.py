@@ -189,7 +189,8 @@ class RasaConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.0
     # Stream one epoch through the frozen backbone and reuse its tokens in every round and epoch
-    # (the reference draws new views each epoch; this saves rounds x epochs - 1 forward passes).
+    # (the reference draws new views each epoch; this saves rounds x epochs - 1 forward passes;
+    # it holds steps_per_epoch x batch_size x patches x D floats in the worker's memory).
     cache_tokens: bool = False
     probe_images: int = 1000  # images whose patch tokens train / test the fresh position probe
     seed: int = 0

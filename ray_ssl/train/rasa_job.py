@@ -158,15 +158,15 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
             "labelled held-out shards with --eval-data"
         )
     config = rasa_job_config(config, export, manifest.channels)
-    from ray_ssl.train.trainer import with_absolute_paths  # torch and Ray from here on
-
-    config = with_absolute_paths(config)
     steps_per_pass = manifest.count // config.rasa.batch_size
     if steps_per_pass < 1:
         raise ConfigError(
             f"rasa.batch_size={config.rasa.batch_size} is larger than the {manifest.count} "
             f"samples of {config.data.uri}; lower it"
         )
+    from ray_ssl.train.trainer import with_absolute_paths  # torch and Ray from here on
+
+    config = with_absolute_paths(config)
     steps_per_epoch = config.rasa.steps_per_epoch or steps_per_pass
     import ray
 
