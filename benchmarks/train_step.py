@@ -308,6 +308,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, few steps (< 1 min)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--mfu-only", action="store_true", help="with --device cuda: print the MFU lines only"
+    )
     args = parser.parse_args()
     use_gpu = args.device == "cuda"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
@@ -320,6 +323,8 @@ def main() -> None:
     if use_gpu:
         for arch, batches in (("large", (64, 48, 32, 16)), ("giant", (48, 32, 24, 16, 8))):
             mfu_on_one_gpu(arch, batches, warmup, rounds * per_round)
+        if args.mfu_only:
+            return
     zero3_memory_estimate()
 
     (ours, ours_cpu), (baseline, baseline_cpu) = compare_step_times(
