@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ray_ssl.cli import job_main
 from ray_ssl.config import load_config
+from ray_ssl.paths import resolve_config_paths
 
 PRESET_ALIASES = {"local": "curate_local", "web": "curate_web"}
 DEFAULT_PRESET = "local"
@@ -27,7 +28,8 @@ DEFAULT_PRESET = "local"
 def curate(preset: str, overrides: Sequence[str]) -> None:
     from ray_ssl.curation.pipeline import run_curation
 
-    outcome = run_curation(load_config(PRESET_ALIASES.get(preset, preset), list(overrides)))
+    config = load_config(PRESET_ALIASES.get(preset, preset), list(overrides))
+    outcome = run_curation(resolve_config_paths(config))
     top = outcome.report["levels"][-1]
     sizes, curated = top["sizes"], top["curated_sizes"]
     print(f"curated {outcome.selected} of {outcome.report['n_points']} samples")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from ray_ssl.config import load_config
 from ray_ssl.errors import UserError
+from ray_ssl.tune.command import add_tune_arguments
 
 log = logging.getLogger("ray_ssl")
 
@@ -81,21 +82,9 @@ def _cmd_curate(args: argparse.Namespace) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
-    from ray_ssl.tune.sweep import run_sweep, sweep_from_args
+    from ray_ssl.tune.command import tune_command
 
-    spec = sweep_from_args(
-        args.preset,
-        args.overrides,
-        args.param,
-        metric=args.metric,
-        mode=args.mode,
-        num_samples=args.samples,
-        max_concurrent=args.max_concurrent,
-        name=args.name,
-    )
-    results = run_sweep(spec)
-    best = results.get_best_result()
-    print(f"best {spec.metric}={best.metrics.get(spec.metric)} at {best.path}")
+    tune_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,18 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     curate.set_defaults(func=_cmd_curate)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over whole training runs")
-    tune.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="key=kind:args",
-        help="search dimension, e.g. optim.base_lr=loguniform:1e-4:1e-2 or train.seed=grid:0,1",
-    )
-    tune.add_argument("--samples", type=int, default=1, help="samples per grid point")
-    tune.add_argument("--metric", default="knn_top1")
-    tune.add_argument("--mode", choices=("max", "min"), default="max")
-    tune.add_argument("--max-concurrent", type=int, default=1)
-    tune.add_argument("--name", default="sweep")
+    add_tune_arguments(tune)
     _add_config_args(tune)
     tune.set_defaults(func=_cmd_tune)
     return parser

@@ -20,6 +20,7 @@ LEVEL: dict[str, int] = {
     "errors": 0,
     "config": 0,
     "storage": 0,
+    "paths": 0,
     "losses": 0,
     "models": 0,
     "memory_bank": 0,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ray_ssl.config import Config, load_config, training_views
+from ray_ssl.paths import resolve_config_paths
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def ensure_builtin_shards(config: Config) -> None:
 def pretrain(preset: str, overrides: Sequence[str]) -> Any:
     """Train ``preset`` with ``overrides``; returns the run's
     :class:`~ray_ssl.train.trainer.TrainingOutcome`."""
-    config = load_config(preset, list(overrides))
+    config = resolve_config_paths(load_config(preset, list(overrides)))  # before any shards
     training_views(config)  # a view setting the method cannot honour: one line, now
     if not config.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -25,7 +25,8 @@ from ray_ssl.config import Config, ConfigError, method_plugin, to_dict, training
 from ray_ssl.data.shards import Manifest, read_manifest
 from ray_ssl.methods.base import Method, MethodDriver
 from ray_ssl.methods.registry import build_method, method_driver
-from ray_ssl.storage import absolute_uri, read_bytes, resolve, s3_options, write_bytes_atomic
+from ray_ssl.paths import resolve_config_paths
+from ray_ssl.storage import pin_endpoint, read_bytes, resolve, s3_options, write_bytes_atomic
 from ray_ssl.train.checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -42,6 +43,9 @@ RUN_CONFIG_FILE = "ray_ssl_config.json"
 # and the schedules may change between launches.)
 MODEL_SHAPE_KEYS = ("arch", "depth", "patch_size", "img_size", "in_chans", "num_registers")
 LAYOUT_KEYS = ("method", "num_workers", "zero_stage")
+# Peak bytes per pixel of the raw-pixel kNN: uint8 images (list and stacked copy), their float32
+# copy and its L2-normalised float32 copy.
+PIXEL_KNN_BYTES_PER_PIXEL = 10
 
 
 def state_shaping_keys(config: Config) -> list[tuple[str, str]]:
@@ -194,7 +198,7 @@ def _save_run_config(config: Config) -> None:
     write_bytes_atomic(loc, json.dumps(to_dict(config), indent=1).encode())
 
 
-def _storage_for_ray(config: Config) -> tuple[str, Any]:
+def storage_for_ray(config: Config) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for ``RunConfig``."""
     path = config.train.storage_path
     if not path.startswith("s3://"):
@@ -217,7 +221,7 @@ def build_trainer(config: Config, plan: LoopPlan, callbacks: Sequence[Any] = ())
     resources = {"CPU": float(t.cpus_per_worker)}
     if t.use_gpu:
         resources["GPU"] = 1.0
-    storage_path, filesystem = _storage_for_ray(config)
+    storage_path, filesystem = storage_for_ray(config)
     env = {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}
     return TorchTrainer(
         train_loop_per_worker,
@@ -243,31 +247,34 @@ def _final_state(checkpoint: Any) -> TrainState:
         return TrainState(**json.loads(fh.read()))
 
 
+def pixel_baseline(config: Config, num_classes: int) -> float:
+    """The raw-pixel kNN baseline, computed by a Ray task on a node with the memory it needs
+    rather than in the driver: the ViT-G preset's 60k images at 224 px take ~34 GiB as float32,
+    more than its head node has."""
+    import ray
+
+    from ray_ssl.train.online_eval import pixel_knn_accuracy
+
+    e, v = config.eval, config.views
+    pixels = (e.knn_max_train + e.knn_max_test) * v.global_size**2 * v.channels
+    task = ray.remote(
+        num_cpus=1,
+        memory=pixels * PIXEL_KNN_BYTES_PER_PIXEL,
+        scheduling_strategy="DEFAULT",  # not in a caller's placement group (a Tune trial's)
+    )(pixel_knn_accuracy)
+    pinned = dataclasses.replace(config, storage=pin_endpoint(config.storage))
+    return float(ray.get(task.remote(pinned, num_classes)))
+
+
 def write_run_report(config: Config, plan: LoopPlan, history: list[dict[str, float]]) -> str:
     """Write ``report.json`` and ``curves.png`` into the run directory; returns the report URI."""
     from ray_ssl.eval.report import REPORT_FILE, render_report
-    from ray_ssl.train.online_eval import pixel_knn_accuracy
 
-    baseline = pixel_knn_accuracy(config, plan.num_classes)
+    baseline = pixel_baseline(config, plan.num_classes)
     run = resolve(plan.run_uri, config.storage)
     for name, content in render_report(to_dict(config), history, baseline).items():
         write_bytes_atomic(run.join(name), content)
     return run.join(REPORT_FILE).uri
-
-
-def with_absolute_paths(config: Config) -> Config:
-    """``config`` with its local data and storage paths made absolute (workers do not share the
-    driver's working directory)."""
-    data = dataclasses.replace(
-        config.data,
-        uri=absolute_uri(config.data.uri),
-        eval_uri=absolute_uri(config.data.eval_uri),
-    )
-    train = dataclasses.replace(config.train, storage_path=absolute_uri(config.train.storage_path))
-    evaluation = dataclasses.replace(
-        config.eval, knn_train_uri=absolute_uri(config.eval.knn_train_uri)
-    )
-    return dataclasses.replace(config, data=data, train=train, eval=evaluation)
 
 
 def _init_ray(config: Config, driver: MethodDriver) -> None:
@@ -303,7 +310,7 @@ def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutco
 
     ``callbacks`` go to Ray Train (a Tune sweep passes ``TuneReportCallback``).
     """
-    config = with_absolute_paths(config)
+    config = resolve_config_paths(config)  # workers and trials run in other directories
     driver = method_driver(config)
     config = driver.prepare(config)
     plan, _ = plan_run(config)

@@ -1,171 +1,283 @@
-"""Ray Tune ablation sweeps over whole training runs.
+"""Ray Tune ablation sweeps over whole training runs (the Ray Train V2 way).
 
-Each Tune trial is a driver function that resolves the preset plus the trial's sampled values into
-a :class:`~ray_ssl.config.Config` and runs one complete :func:`~ray_ssl.train.trainer.run_training`
-(its own ``TorchTrainer``); the trainer's reports reach Tune through Ray's ``TuneReportCallback``.
-This is the Train V2 way of tuning: Tune schedules runs, Train runs them.
+Each trial is a driver function: it resolves the preset, the sweep's overrides and its sampled
+values into a :class:`~ray_ssl.config.Config` and runs one complete
+:func:`~ray_ssl.train.trainer.run_training` (its own ``TorchTrainer``), whose reports reach Tune
+through :class:`~ray_ssl.tune.reporting.MetricCarryingReportCallback`.
 
-Search dimensions are written ``key=kind:args``::
+Before any trial starts, on the driver: every listed value of every dimension is resolved and
+planned (an unknown key, a bad value or missing shards is one line now, not a failed trial
+later), relative paths are made absolute against the user's directory (trials run in Tune's
+per-trial directories), and the number of concurrent trials is fitted to the cluster.
 
-    optim.base_lr=loguniform:1e-4:1e-2     franca.koleo_weight=grid:0,0.1     train.seed=choice:0,1
+Layout under ``<train.storage_path>/<name>/`` (the sweep directory, Tune's experiment directory):
+Tune's per-trial directories ``<trial_id>/`` (params.json, progress.csv, result.json,
+error.txt), each trial's training run ``runs/<trial_id>/`` (checkpoints, report, export), and at
+the end ``sweep_results.csv``, ``sweep_results.md`` and ``sweep_curves.png``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import os
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-from ray_ssl.config import ConfigError, load_config
+from ray_ssl.config import Config, ConfigError, load_config
+from ray_ssl.errors import UserError
+from ray_ssl.paths import resolve_config_paths
+from ray_ssl.storage import resolve, write_bytes_atomic
+from ray_ssl.tune.resources import TrialNeeds, concurrent_trials, trial_driver_resources
+from ray_ssl.tune.results import (
+    CURVES_PNG,
+    FAILED,
+    INTERRUPTED,
+    NOT_STARTED,
+    TABLE_CSV,
+    TABLE_MARKDOWN,
+    TrialRow,
+    best_row,
+    plot_trial_curves,
+    ranked,
+    render_csv,
+    render_markdown,
+    trial_rows,
+)
+from ray_ssl.tune.spec import SweepSpec, representative_values, value_overrides
 
 log = logging.getLogger(__name__)
 
-SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+KNN_METRIC = "knn_top1"
+RUNS_DIR = "runs"
+
+
+class SweepError(UserError, RuntimeError):
+    """A sweep whose trials failed; the message names the first failure and where its log is."""
 
 
 @dataclass(frozen=True)
-class SweepSpec:
-    """What a sweep varies and how it ranks trials."""
+class SweepPlan:
+    """What the driver settled before any trial: where the sweep lives and how it stops trials."""
 
-    preset: str
-    overrides: tuple[str, ...] = ()
-    dimensions: dict[str, str] = field(default_factory=dict)  # dotted key -> "kind:args"
-    metric: str = "knn_top1"
-    mode: str = "max"
-    num_samples: int = 1
-    max_concurrent: int = 1
-    name: str = "sweep"
-    storage_path: str = "ray_results"
+    sweep_uri: str  # <train.storage_path>/<name>
+    config: Config  # the representative trial's config (storage settings, paths)
+    max_steps: int  # the longest trial's planned steps (ASHA's max_t)
+    grace_period: int  # ASHA's first rung, in steps
+    needs: TrialNeeds
 
-
-def _scalar(text: str) -> Any:
-    """A number where the text is one (YAML reads ``1e-4`` as a string), else YAML's value."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return yaml.safe_load(text)
+    @property
+    def runs_uri(self) -> str:
+        return f"{self.sweep_uri}/{RUNS_DIR}"
 
 
-def _values(raw: str) -> list[Any]:
-    return [_scalar(v) for v in raw.split(",") if v != ""]
+@dataclass(frozen=True)
+class SweepOutcome:
+    """Where a sweep left its results, and how its trials ended."""
+
+    sweep_uri: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    best_overrides: list[str]
+    interrupted: bool
+    failed: list[TrialRow]
+
+    @property
+    def table_uri(self) -> str:
+        return f"{self.sweep_uri}/{TABLE_CSV}"
 
 
-def parse_dimension(text: str) -> tuple[str, str]:
-    """``"optim.base_lr=loguniform:1e-4:1e-2"`` -> ``("optim.base_lr", "loguniform:1e-4:1e-2")``."""
-    key, sep, spec = text.partition("=")
-    kind = spec.split(":", 1)[0]
-    if not sep or not key or kind not in SEARCH_KINDS or ":" not in spec:
-        raise ConfigError(
-            f"search dimension '{text}' must look like key=kind:args with kind one of "
-            f"{', '.join(SEARCH_KINDS)} (e.g. optim.base_lr=loguniform:1e-4:1e-2)"
-        )
-    return key.strip(), spec
-
-
-def search_space(dimensions: dict[str, str]) -> dict[str, Any]:
-    """Tune search space for the dotted keys; values are Tune domains."""
-    from ray import tune
-
-    space: dict[str, Any] = {}
-    for key, spec in dimensions.items():
-        kind, _, args = spec.partition(":")
-        try:
-            if kind == "grid":
-                space[key] = tune.grid_search(_values(args))
-            elif kind == "choice":
-                space[key] = tune.choice(_values(args))
-            else:
-                low, high = (_scalar(a) for a in args.split(":"))
-                sampler = {"uniform": tune.uniform, "loguniform": tune.loguniform}.get(
-                    kind, tune.randint
-                )
-                space[key] = sampler(low, high)
-        except ValueError as err:
-            raise ConfigError(f"search dimension '{key}={spec}': {err}") from err
-    return space
-
-
-def representative_values(dimensions: dict[str, str]) -> dict[str, Any]:
-    """One value of each dimension (the first listed, or the lower bound)."""
-    out: dict[str, Any] = {}
-    for key, spec in dimensions.items():
-        kind, _, args = spec.partition(":")
-        listed = kind in ("grid", "choice")
-        out[key] = _values(args)[0] if listed else _scalar(args.split(":")[0])
-    return out
-
-
-def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
-
-
-def trial_overrides(spec: SweepSpec, sampled: dict[str, Any], trial_name: str) -> list[str]:
-    """The overrides of one trial: the sweep's, the sampled values, and its own run name."""
-    values = [f"{key}={_yaml_scalar(value)}" for key, value in sampled.items()]
+def trial_overrides(spec: SweepSpec, sampled: dict[str, Any], runs_uri: str, trial_id: str):
+    """The overrides of one trial: the sweep's, its sampled values, and its own run directory."""
     return [
         *spec.overrides,
-        *values,
-        f"train.run_name={spec.name}-{trial_name}",
-        f"train.storage_path={spec.storage_path}",
+        *value_overrides(sampled),
+        f"train.storage_path={runs_uri}",
+        f"train.run_name={trial_id}",
     ]
 
 
-def _trial(sampled: dict[str, Any], spec: SweepSpec) -> None:
+def _resolved(spec: SweepSpec, overrides: list[str]) -> Config:
+    return resolve_config_paths(load_config(spec.preset, overrides), spec.base_dir)
+
+
+def _metric_interval(config: Config, metric: str) -> int:
+    """Steps between measurements of ``metric`` (kNN is measured every eval.knn_every steps)."""
+    return config.eval.knn_every if metric == KNN_METRIC else config.train.log_every
+
+
+def _check_metric(config: Config, spec: SweepSpec) -> None:
+    if spec.metric == KNN_METRIC and config.data.eval_uri is None:
+        raise ConfigError(
+            f"--metric {KNN_METRIC} needs labelled held-out shards: set data.eval_uri, or rank "
+            "by another metric (e.g. --metric loss --mode min)"
+        )
+    if spec.scheduler != "asha":
+        return
+    interval = _metric_interval(config, spec.metric)
+    if interval < 1:
+        raise ConfigError(
+            f"--scheduler asha compares {spec.metric} at its rungs; set eval.knn_every > 0"
+        )
+    grace = spec.grace_period or interval
+    if grace % interval:
+        raise ConfigError(
+            f"--grace-period {grace} must be a multiple of the {spec.metric} interval "
+            f"({interval} steps) so that ASHA's rungs compare freshly measured values"
+        )
+    if spec.reduction_factor < 2:
+        raise ConfigError(f"--reduction-factor {spec.reduction_factor} must be >= 2")
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Check every listed value of every dimension and plan the sweep; starts no trial."""
+    from ray_ssl.train.trainer import plan_run
+
+    if spec.num_samples < 1:
+        raise ConfigError(f"--samples {spec.num_samples} must be >= 1")
+    if spec.max_concurrent is not None and spec.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {spec.max_concurrent} must be >= 1")
+    base = representative_values(spec.dimensions)
+    variants = [base] + [
+        {**base, key: value}
+        for key, dim in spec.dimensions.items()
+        for value in dim.checked_values()[1:]
+    ]
+    configs = [_resolved(spec, [*spec.overrides, *value_overrides(v)]) for v in variants]
+    for config in configs:
+        _check_metric(config, spec)
+    planned = [(config, plan_run(config)[0]) for config in configs]  # reads the shard sets
+    config = planned[0][0]
+    needs = TrialNeeds.of(config)
+    for other, _ in planned[1:]:
+        needs = needs.union(TrialNeeds.of(other))
+    max_steps = max(plan.total_steps for _, plan in planned)
+    grace = spec.grace_period or _metric_interval(config, spec.metric) or 1
+    if spec.scheduler == "asha" and grace >= max_steps:
+        log.warning(
+            "ASHA's grace period %d >= the %d steps of a trial: it stops none", grace, max_steps
+        )
+    sweep_uri = f"{config.train.storage_path.rstrip('/')}/{spec.name}"
+    return SweepPlan(sweep_uri, config, max_steps, grace, needs)
+
+
+def _trial(sampled: dict[str, Any], spec: SweepSpec, runs_uri: str) -> None:
     """One Tune trial: a whole training run whose reports flow to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ray_ssl.train.trainer import run_training
+    from ray_ssl.train.trainer import plan_run, run_training
+    from ray_ssl.tune.reporting import MetricCarryingReportCallback
 
-    trial_name = tune.get_context().get_trial_name()
-    config = load_config(spec.preset, trial_overrides(spec, sampled, trial_name))
-    run_training(config, callbacks=[TuneReportCallback()])
+    trial_id = tune.get_context().get_trial_id()
+    config = _resolved(spec, trial_overrides(spec, sampled, runs_uri, trial_id))
+    plan, _ = plan_run(config)
+    run_training(config, callbacks=[MetricCarryingReportCallback(spec.metric, plan.total_steps)])
 
 
-def run_sweep(spec: SweepSpec) -> Any:
-    """Run the sweep; returns Tune's ``ResultGrid`` (best trial by ``spec.metric``)."""
+def _trial_dirname(trial: Any) -> str:
+    return str(trial.trial_id)
+
+
+def _scheduler(spec: SweepSpec, plan: SweepPlan) -> Any:
+    if spec.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=plan.max_steps + 1,  # ASHA stops a trial at max_t: let every run end by itself
+        grace_period=plan.grace_period,
+        reduction_factor=spec.reduction_factor,
+    )
+
+
+def _warn_if_storage_is_node_local(sweep_uri: str) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not sweep_uri.startswith("s3://"):
+        log.warning(
+            "%s is a local path on a %d-node cluster: trials on other nodes write their runs "
+            "there only if it is a shared filesystem; use train.storage_path=s3://...",
+            sweep_uri,
+            len(nodes),
+        )
+
+
+def _write_results(plan: SweepPlan, rows: list[TrialRow], metric: str) -> None:
+    storage = plan.config.storage
+    sweep = resolve(plan.sweep_uri, storage)
+    write_bytes_atomic(sweep.join(TABLE_CSV), render_csv(rows, metric))
+    write_bytes_atomic(sweep.join(TABLE_MARKDOWN), render_markdown(rows, metric))
+    write_bytes_atomic(sweep.join(CURVES_PNG), plot_trial_curves(rows, metric))
+
+
+def run_sweep(spec: SweepSpec) -> SweepOutcome:
+    """Plan, run and summarise the sweep (table + curves written into the sweep directory)."""
+    plan = plan_sweep(spec)
+    import ray
     from ray import tune
+    from ray.tune.error import TuneError
 
-    # Resolve the overrides with one value of every dimension before any trial starts, so that
-    # an unknown key or a value of the wrong type is one line now, not a failed trial later.
-    load_config(spec.preset, trial_overrides(spec, representative_values(spec.dimensions), "check"))
+    from ray_ssl.train.trainer import storage_for_ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    _warn_if_storage_is_node_local(plan.sweep_uri)
+    max_concurrent = spec.max_concurrent or concurrent_trials(plan.needs, ray.cluster_resources())
+    log.info(
+        "sweep %s: up to %d trials at once (%g CPUs, %g GPUs each), results in %s",
+        spec.name,
+        max_concurrent,
+        plan.needs.cpus,
+        plan.needs.gpus,
+        plan.sweep_uri,
+    )
+    storage_path, filesystem = storage_for_ray(plan.config)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, spec=spec, runs_uri=plan.runs_uri), trial_driver_resources()
+    )
     tuner = tune.Tuner(
-        tune.with_parameters(_trial, spec=spec),
-        param_space=search_space(spec.dimensions),
+        trainable,
+        param_space={key: dim.domain() for key, dim in spec.dimensions.items()},
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
             num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent,
+            max_concurrent_trials=max_concurrent,
+            scheduler=_scheduler(spec, plan),
+            trial_dirname_creator=_trial_dirname,
         ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=_absolute(spec.storage_path)),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=storage_path, storage_filesystem=filesystem
+        ),
     )
-    results = tuner.fit()
-    best = results.get_best_result()
-    log.info("best trial %s: %s=%s", best.path, spec.metric, best.metrics.get(spec.metric))
-    return results
+    try:
+        results = tuner.fit()
+    except TuneError as err:
+        raise SweepError(f"sweep {spec.name} failed: {err}") from err
+    return summarise(spec, plan, results)
 
 
-def _absolute(path: str) -> str:
-    return path if path.startswith("s3://") else str(Path(path).absolute())
+def summarise(spec: SweepSpec, plan: SweepPlan, results: Any) -> SweepOutcome:
+    """Rows, table and curves of a finished (or interrupted) sweep."""
+    rows = ranked(trial_rows(results, spec.metric, list(spec.dimensions), plan.runs_uri), spec.mode)
+    _write_results(plan, rows, spec.metric)
+    best = best_row(rows, spec.mode)
+    best_overrides = [*spec.overrides, *value_overrides(best.params)] if best else []
+    return SweepOutcome(
+        sweep_uri=plan.sweep_uri,
+        rows=rows,
+        best=best,
+        best_overrides=best_overrides,
+        interrupted=any(r.status in (INTERRUPTED, NOT_STARTED) for r in rows),
+        failed=[r for r in rows if r.status == FAILED],
+    )
 
 
-def sweep_from_args(
-    preset: str,
-    overrides: Sequence[str],
-    dimensions: Sequence[str],
-    **options: Any,
-) -> SweepSpec:
-    """A :class:`SweepSpec` from CLI-style strings."""
-    return SweepSpec(
-        preset=preset,
-        overrides=tuple(overrides),
-        dimensions=dict(parse_dimension(d) for d in dimensions),
-        **options,
+def failure_message(outcome: SweepOutcome) -> str:
+    """One line naming how many trials failed, the first error and where its log is."""
+    first = outcome.failed[0]
+    return (
+        f"{len(outcome.failed)} of {len(outcome.rows)} trials failed; trial {first.trial_id}: "
+        f"{first.error} (log: {outcome.sweep_uri}/{first.trial_id}/error.txt)"
     )
