@@ -235,15 +235,15 @@ def test_asha_sweep_from_another_directory_stops_a_trial_and_writes_results(
     sweep = sweep_dir / "ray_results" / "abl"  # <train.storage_path>/<name>, as the docs say
     with (sweep / "sweep_results.csv").open() as fh:
         rows = {r["model.layerscale"]: r for r in csv.DictReader(fh)}
-    assert rows.keys() == {"", "1e-05"}, rows
-    assert rows[""]["status"] == COMPLETED and rows[""]["step"] == "8"
-    assert rows["1e-05"]["status"] == STOPPED and rows["1e-05"]["step"] == "4"
-    assert float(rows[""]["knn_top1"]) > float(rows["1e-05"]["knn_top1"])
+    assert rows.keys() == {"null", "1.0e-05"}, rows  # the values as override text
+    assert rows["null"]["status"] == COMPLETED and rows["null"]["step"] == "8"
+    assert rows["1.0e-05"]["status"] == STOPPED and rows["1.0e-05"]["step"] == "4"
+    assert float(rows["null"]["knn_top1"]) > float(rows["1.0e-05"]["knn_top1"])
     assert (sweep / "sweep_results.md").read_text().count("\n") == 2 + 2
     assert (sweep / "sweep_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best config: model.layerscale=null" in done.stdout, done.stdout[-2000:]
     # Each trial's run lives under the sweep, with its paths resolved against the sweep's cwd.
-    run = Path(rows[""]["run"])
+    run = Path(rows["null"]["run"])
     assert run.parent == sweep / "runs"
     saved = json.loads((run / "ray_ssl_config.json").read_text())
     assert saved["data"]["uri"] == str(sweep_dir / "data" / "train")

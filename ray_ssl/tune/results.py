@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_ssl.tune.reporting import STEP_KEY, TOTAL_STEPS_KEY, metric_step_key
+from ray_ssl.tune.spec import yaml_scalar
 
 TABLE_CSV = "sweep_results.csv"
 TABLE_MARKDOWN = "sweep_results.md"
@@ -129,8 +130,8 @@ def _columns(rows: list[TrialRow], metric: str) -> tuple[list[str], list[list[An
     keys = sorted({k for r in rows for k in r.params})
     header = ["trial", "status", *keys, "step", "total_steps", metric, f"{metric}_step", "run"]
     body = [
-        [r.trial_id, r.status, *(r.params.get(k) for k in keys), r.step, r.total_steps, r.value]
-        + [r.value_step, r.run_uri or r.error]
+        [r.trial_id, r.status, *(yaml_scalar(r.params.get(k)) for k in keys), r.step]
+        + [r.total_steps, r.value, r.value_step, r.run_uri or r.error]
         for r in rows
     ]
     return header, body
@@ -140,7 +141,7 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}" if not value.is_integer() else str(int(value))
+        return str(int(value)) if value.is_integer() else f"{value:.6g}"
     return str(value)
 
 
@@ -172,9 +173,9 @@ def plot_trial_curves(rows: list[TrialRow], metric: str) -> bytes:
         if not row.curve:
             continue
         steps, values = zip(*row.curve, strict=True)
-        label = row.trial_id + (
-            f" (stopped at step {_text(row.step)})" if row.status == STOPPED else ""
-        )
+        values_text = ", ".join(f"{k}={yaml_scalar(v)}" for k, v in sorted(row.params.items()))
+        stopped = f" (stopped at step {_text(row.step)})" if row.status == STOPPED else ""
+        label = f"{row.trial_id} {values_text}{stopped}"
         (line,) = ax.plot(steps, values, marker="o", markersize=3, label=label)
         if row.status == STOPPED:
             ax.plot(steps[-1], values[-1], marker="x", markersize=12, color=line.get_color())
