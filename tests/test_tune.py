@@ -7,8 +7,10 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +257,32 @@ def test_sweep_with_bad_input_is_one_line(sweep_dir: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "views.mask" in lines[0] and "nope" in lines[0], done.stderr
+
+
+def test_interrupted_sweep_exits_130_and_names_no_best(sweep_dir: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) after the first result: the step-0 kNN of an
+    untrained network must not be reported as the best."""
+    args = ["tune", "--param", "model.layerscale=grid:null", "--name", "intr", *TINY_RUN]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_V2_ENABLED": "1"}
+    out_file, err_file = sweep_dir / "intr.out", sweep_dir / "intr.err"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        sweep = subprocess.Popen(
+            [str(RAY_SSL), *args],
+            cwd=sweep_dir,
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,  # its own process group, as a shell's foreground job
+        )
+        progress = sweep_dir / "ray_results" / "intr"
+        while not any(len(p.read_text().splitlines()) > 1 for p in progress.glob("*/progress.csv")):
+            assert sweep.poll() is None, err_file.read_text()[-2000:]
+            time.sleep(1.0)
+        os.killpg(sweep.pid, signal.SIGINT)
+        sweep.wait()
+    stderr = err_file.read_text()
+    assert sweep.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("ray-ssl: error: sweep interrupted")
+    assert "best " not in out_file.read_text()
+    with (progress / "sweep_results.csv").open() as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == [INTERRUPTED]
