@@ -14,13 +14,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-STEP_KEY = "step"
-TOTAL_STEPS_KEY = "total_steps"
-
-
-def metric_step_key(metric: str) -> str:
-    """The result key holding the step at which ``metric`` was measured."""
-    return f"{metric}_step"
+from ray_ssl.tune.results import STEP_KEY, TOTAL_STEPS_KEY, metric_step_key
 
 
 class MetricCarryingReportCallback(TuneReportCallback):

@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_ssl.tune.reporting import STEP_KEY, TOTAL_STEPS_KEY, metric_step_key
 from ray_ssl.tune.spec import yaml_scalar
 
+STEP_KEY = "step"
+TOTAL_STEPS_KEY = "total_steps"  # added to every result by the trial's report callback
 TABLE_CSV = "sweep_results.csv"
 TABLE_MARKDOWN = "sweep_results.md"
 CURVES_PNG = "sweep_curves.png"
@@ -27,6 +28,11 @@ COMPLETED, STOPPED, FAILED, INTERRUPTED, NOT_STARTED = (
     "interrupted",
     "not started",
 )
+
+
+def metric_step_key(metric: str) -> str:
+    """The result key holding the step at which ``metric`` was measured."""
+    return f"{metric}_step"
 
 
 @dataclass(frozen=True)

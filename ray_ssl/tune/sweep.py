@@ -130,8 +130,6 @@ def _check_metric(config: Config, spec: SweepSpec) -> None:
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
     """Check every listed value of every dimension and plan the sweep; starts no trial."""
-    from ray_ssl.train.trainer import plan_run
-
     if spec.num_samples < 1:
         raise ConfigError(f"--samples {spec.num_samples} must be >= 1")
     if spec.max_concurrent is not None and spec.max_concurrent < 1:
@@ -145,6 +143,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     configs = [_resolved(spec, [*spec.overrides, *value_overrides(v)]) for v in variants]
     for config in configs:
         _check_metric(config, spec)
+    from ray_ssl.train.trainer import plan_run  # torch: after the checks of the config alone
+
     planned = [(config, plan_run(config)[0]) for config in configs]  # reads the shard sets
     config = planned[0][0]
     needs = TrialNeeds.of(config)
