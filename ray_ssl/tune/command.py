@@ -52,7 +52,7 @@ def tune_command(args: argparse.Namespace) -> None:
     from ray_ssl.paths import base_dir
     from ray_ssl.train.trainer import RUN_CONFIG_FILE
     from ray_ssl.tune.results import CURVES_PNG, TABLE_MARKDOWN
-    from ray_ssl.tune.spec import SweepSpec, load_spec_file, parse_dimension
+    from ray_ssl.tune.spec import SweepSpec, load_spec_file, parse_dimension, value_overrides
     from ray_ssl.tune.sweep import SweepError, failure_message, run_sweep
 
     dimensions, spec_overrides = load_spec_file(args.spec) if args.spec else ({}, ())
@@ -92,7 +92,7 @@ def tune_command(args: argparse.Namespace) -> None:
     if best is not None:
         measured = f"{spec.metric}={best.value:.4f} at step {best.value_step:g}"
         print(f"best {measured}: trial {best.trial_id}")
-        print(f"best config: {' '.join(outcome.best_overrides) or '(the preset)'}")
+        print(f"best config: {' '.join(value_overrides(best.params)) or '(the preset)'}")
         print(f"  rerun: ray-ssl train --preset {spec.preset} {' '.join(outcome.best_overrides)}")
         print(f"  resolved config: {best.run_uri}/{RUN_CONFIG_FILE}")
     if outcome.failed:
