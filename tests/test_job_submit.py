@@ -117,12 +117,16 @@ def _client(url: str, token: str):
 
 
 def _wait_for_job_server(url: str, token: str, head: subprocess.Popen) -> None:
+    from ray.exceptions import AuthenticationError
+
     while True:
         assert head.poll() is None, "ray start --head exited"
         try:
             _client(url, token).list_jobs()
             return
-        except Exception:  # noqa: BLE001 - not up yet
+        except AuthenticationError:
+            raise  # the token is wrong: waiting would not help
+        except Exception:  # noqa: BLE001 - the dashboard is not up yet
             time.sleep(POLL_S)
 
 
