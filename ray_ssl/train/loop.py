@@ -84,7 +84,7 @@ class MetricWindow:
         return result
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     """INFO logs of ray_ssl in the worker: through Ray's root handler if it has one."""
     logger = logging.getLogger("ray_ssl")
     logger.setLevel(logging.INFO)
@@ -234,7 +234,7 @@ def _format(metrics: dict[str, float]) -> str:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; ``loop_config`` = {"config": to_dict(Config), "plan": LoopPlan}."""
-    _configure_logging()
+    configure_logging()
     config = config_from_dict(loop_config["config"])
     plan = LoopPlan(**loop_config["plan"])
     WorkerRun(config, plan).run()

@@ -210,10 +210,10 @@ def _trainer(config: Config, loop_config: dict[str, Any]) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_ssl.train.trainer import _storage_for_ray
+    from ray_ssl.train.trainer import storage_for_ray
 
     t = config.train
-    storage_path, filesystem = _storage_for_ray(config)
+    storage_path, filesystem = storage_for_ray(config)
     resources = {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {})}
     return TorchTrainer(
         rasa_loop_per_worker,
@@ -237,10 +237,10 @@ def rasa_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from ray_ssl.eval.rasa import fit_rasa, save_rasa_basis, shuffled_batches
     from ray_ssl.train.batches import PassStream
-    from ray_ssl.train.loop import _configure_logging
+    from ray_ssl.train.loop import configure_logging
     from ray_ssl.train.rasa_eval import RasaEvaluator, frozen_backbone, patch_tokens
 
-    _configure_logging()
+    configure_logging()
     config = config_from_dict(loop_config["config"])
     export = ExportInfo(**loop_config["export"])
     if config.train.torch_threads:
