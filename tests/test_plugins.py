@@ -25,6 +25,7 @@ METHOD_PRESETS = {
     "instdisc": "instdisc_local",
     "vicreg": "vicreg_local",
     "simclr": "simclr_local",
+    "sag_vicreg": "sag_vicreg_local",
 }
 
 
@@ -48,7 +49,7 @@ def test_method_sections_round_trip_and_name_unknown_keys() -> None:
     assert "std_coeff" in str(err.value)  # the valid keys are listed
     with pytest.raises(ConfigError, match="'byol' is not a registered method") as err:
         load_config("local", ["train.method=byol"])
-    assert "franca, instdisc, simclr, vicreg" in str(err.value)
+    assert "franca, instdisc, sag_vicreg, simclr, vicreg" in str(err.value)
     with pytest.raises(ConfigError, match="simclr.temperature=0.0 must be > 0"):
         load_config("simclr_local", ["simclr.temperature=0"])
 
