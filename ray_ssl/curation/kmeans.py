@@ -124,6 +124,38 @@ def pick_weighted(
     return ids, as_points(x)[ids]
 
 
+def weighted_kmeans_plusplus(
+    x: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Greedy k-means++ on weighted points (scikit-learn's ``_kmeans_plusplus`` with
+    ``sample_weight``): the first centre drawn with probability w / sum w, then per step 2 + ln k
+    candidates with probability w D(x)^2 / sum w D^2, keeping the one that leaves the smallest
+    weighted potential sum w min(D^2, d(x, candidate)^2). Runs in this process."""
+    x = as_points(x)
+    w = np.asarray(weights, np.float64)
+    trials = n_local_trials(k)
+    norms = squared_norms(x)
+
+    def distances_to(ids: np.ndarray) -> np.ndarray:  # [len(ids), n] float64
+        dist = _matmul_t(x[ids], x).astype(np.float64)
+        dist *= -2.0
+        dist += norms[ids][:, None]
+        dist += norms[None, :]
+        return np.maximum(dist, 0.0, out=dist)
+
+    chosen = np.empty(k, np.int64)
+    chosen[0] = locate(np.cumsum(w), rng.random(1) * w.sum())[0]
+    closest = distances_to(chosen[:1])[0]
+    for c in range(1, k):
+        potential = w * closest
+        ids = locate(np.cumsum(potential), rng.random(trials) * potential.sum())
+        dist = distances_to(ids)
+        np.minimum(dist, closest[None, :], out=dist)
+        best = int(np.argmin(dist @ w))
+        chosen[c], closest = ids[best], dist[best]
+    return x[chosen]
+
+
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster float64 sums of the rows [k, d] and int64 counts [k] (rows sorted by label,
     then one float64 ``reduceat`` per chunk of rows)."""
