@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ray_ssl.config import CurationConfig
 from ray_ssl.curation.blocks import PointSet
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.curation.hkmeans import (
@@ -74,6 +75,22 @@ class Hierarchy:
         buffer = io.BytesIO()
         np.savez(buffer, n_levels=np.array(len(self.levels)), **arrays)
         return buffer.getvalue()
+
+
+def level_specs(cfg: CurationConfig) -> list[LevelSpec]:
+    """The levels of ``cfg``; one-line error when ``n_splits`` has the wrong length."""
+    splits = cfg.n_splits or (1,) * len(cfg.n_clusters)
+    if len(splits) != len(cfg.n_clusters):
+        raise CurationError(
+            f"curation.n_splits has {len(splits)} entries for {len(cfg.n_clusters)} levels; give "
+            "one per level or none"
+        )
+    return [
+        LevelSpec(*level)
+        for level in zip(
+            cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, splits, strict=True
+        )
+    ]
 
 
 def check_levels(specs: list[LevelSpec], n_points: int) -> None:

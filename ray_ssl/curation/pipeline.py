@@ -25,8 +25,14 @@ from ray_ssl.config import Config, CurationConfig, StorageConfig, to_dict
 from ray_ssl.curation.blocks import PointSet, RayExecutor
 from ray_ssl.curation.embed import embed_shard_set
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hierarchy import Hierarchy, Level, check_levels, hierarchical_kmeans
-from ray_ssl.curation.hkmeans import InitSpec, LevelSpec, in_driver_if_small, kmeans
+from ray_ssl.curation.hierarchy import (
+    Hierarchy,
+    Level,
+    check_levels,
+    hierarchical_kmeans,
+    level_specs,
+)
+from ray_ssl.curation.hkmeans import InitSpec, in_driver_if_small, kmeans
 from ray_ssl.curation.pool import zipf_subsample
 from ray_ssl.curation.report import FLAT_BALANCED, RANDOM_SUBSET, CurationReport
 from ray_ssl.curation.sampling import Selection, hierarchical_sample
@@ -43,22 +49,6 @@ CURATED_SHARDS_DIR = "shards"
 # Each baseline and the pool draw from their own streams: seed + these offsets.
 FLAT_SEED_OFFSET, RANDOM_SEED_OFFSET, POOL_SEED_OFFSET = 1, 2, 3
 EXPORT_EMBEDDINGS, PIXELS_EMBEDDINGS = "export", "backbone"  # sub-dirs with backbone_export set
-
-
-def level_specs(cfg: CurationConfig) -> list[LevelSpec]:
-    """The levels of ``cfg``; one-line error when ``n_splits`` has the wrong length."""
-    splits = cfg.n_splits or (1,) * len(cfg.n_clusters)
-    if len(splits) != len(cfg.n_clusters):
-        raise CurationError(
-            f"curation.n_splits has {len(splits)} entries for {len(cfg.n_clusters)} levels; give "
-            "one per level or none"
-        )
-    return [
-        LevelSpec(*level)
-        for level in zip(
-            cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, splits, strict=True
-        )
-    ]
 
 
 def init_spec(cfg: CurationConfig) -> InitSpec:
