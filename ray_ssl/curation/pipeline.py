@@ -85,13 +85,8 @@ def _source_manifest(config: Config) -> Manifest:
 
 def flat_kmeans(points: PointSet, k: int, cfg: CurationConfig, rng: np.random.Generator) -> Level:
     """One flat k-means (no resampling) on the points, as a level."""
-    result = kmeans(
-        in_driver_if_small(points, cfg.driver_max_points),
-        k,
-        rng,
-        cfg.lloyd_iterations,
-        init_spec(cfg),
-    )
+    points = in_driver_if_small(points, cfg.driver_max_points)
+    result = kmeans(points, k, rng, cfg.lloyd_iterations, init_spec(cfg))
     return Level(
         result.centroids,
         points.concat(result.assignment.labels).astype(np.int64),

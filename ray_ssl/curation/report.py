@@ -48,6 +48,7 @@ SAMPLE_NAMES = {
 }
 SAMPLE_STYLE = {RANDOM_SUBSET: "#999999", FLAT_BALANCED: "#e08a2c", CURATED: "#2c6fbb"}
 POOL_COLOR = "#d8d8d8"
+LEGEND_HEADROOM = 1.45  # y range over the tallest bar: room for the legend above the bars
 CAPTION = (
     "KL to uniform (nats): 0 = every class (left) or cluster (right) equally represented; "
     "lower = more balanced. All samples have the same size."
@@ -183,6 +184,8 @@ class CurationReport:
                 label=f"{label}: KL {kl_to_uniform(counts[name]):.3f}",
             )
         ax.axhline(1.0 / n_classes, color="black", ls="--", lw=1, label="uniform")
+        tallest = max(c.max() / max(1, c.sum()) for name, c in counts.items() if name in series)
+        ax.set_ylim(0, tallest * LEGEND_HEADROOM)
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel="share of the samples in the class", title="Class balance")
         ax.legend(fontsize=7, loc="upper right")
