@@ -135,7 +135,8 @@ class Planner:
         cost = self.kmeans(n, k)
         sample = min(n, k * spec.sample_size)
         for _ in range(spec.n_resampling_steps):
-            cost += Cost(1 if blocks else 0, blocks, 0.0, 0.0, sample * self.dim * FLOAT32_BYTES)
+            if blocks:  # the sampling wave gathers the sample's rows
+                cost += Cost(1, blocks, 0.0, 0.0, sample * self.dim * FLOAT32_BYTES)
             cost += self.kmeans(sample, k) + self._pass(n, k, k)
         if spec.n_splits <= 1:
             return cost, None
