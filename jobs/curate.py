@@ -2,14 +2,18 @@
 
     ray job submit --working-dir . -- python jobs/curate.py --preset web      # web-scale preset
     python jobs/curate.py --preset local                                      # Fashion-MNIST, CPU
-    python jobs/curate.py --preset local curation.target_size=5000 curation.write_shards=true
+    python jobs/curate.py --preset local curation.target_size=3000 curation.write_shards=true
 
 ``--preset local`` / ``web`` name the ``curate_local`` / ``curate_web`` presets (any preset name or
 YAML path works too). The job embeds ``data.uri`` (writing the Fashion-MNIST shards first when
-they are missing), builds the k-means hierarchy on the Ray cluster, samples
-``curation.target_size`` samples and writes the curated manifest (``curated.parquet`` +
-``curated.json``), ``report.json`` and ``report.png`` under ``curation.output_uri``. Rerunning
-resumes the embedding where it stopped. Input errors are one line on stderr and exit code 2.
+they are missing) - the local preset with the backbone a local training run exported, when there
+is one, else pixels - and curates a long-tailed (Zipf) subsample of its classes; it builds the
+k-means hierarchy on the Ray cluster, samples ``curation.target_size`` samples and writes the
+curated manifest (``curated.parquet`` + ``curated.json``), ``report.json`` and ``report.png``
+(class balance and balance per level against a random subset and a flat-k-means balanced sample
+of the same size) under ``curation.output_uri``. Rerunning resumes the embedding where it
+stopped. Input errors are one line on stderr and exit code 2. Size a cluster for the web preset
+first with ``ray-ssl curate --preset curate_web --plan --points N``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ def curate(preset: str, overrides: Sequence[str]) -> None:
     top = outcome.report["levels"][-1]
     sizes, curated = top["sizes"], top["curated_sizes"]
     print(f"curated {outcome.selected} of {outcome.report['n_points']} samples")
+    print(f"embedding: {outcome.report['embedding']}")
+    classes = outcome.report.get("classes")
+    if classes is not None:
+        baselines = classes["baselines"]
+        others = ", ".join(f"{name} {b['kl_to_uniform']:.3f}" for name, b in baselines.items())
+        print(
+            f"classes, KL to uniform (lower = more balanced): pool "
+            f"{classes['kl_to_uniform_before']:.3f}, curated {classes['kl_to_uniform_after']:.3f}"
+            + (f"; same-size baselines: {others}" if others else "")
+        )
     print(
         f"top level: {sizes['n_clusters']} clusters, KL to uniform {sizes['kl_to_uniform']:.3f} "
         f"(curated sample {curated['kl_to_uniform']:.3f})"

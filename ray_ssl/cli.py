@@ -76,9 +76,16 @@ def _cmd_rasa(args: argparse.Namespace) -> None:
 
 
 def _cmd_curate(args: argparse.Namespace) -> None:
+    config = load_config(args.preset, args.overrides)
+    if args.plan:  # a dry run: imports no Ray, starts nothing
+        from ray_ssl.curation.plan import plan_curation
+
+        plan = plan_curation(config, args.nodes, args.cpus_per_node, args.points, args.dim)
+        print(plan.text())
+        return
     from ray_ssl.curation.pipeline import run_curation
 
-    run_curation(load_config(args.preset, args.overrides))
+    run_curation(config)
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
@@ -136,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     curate = sub.add_parser("curate", help="hierarchical k-means curation of a shard set")
     _add_config_args(curate, default_preset="curate_local")
+    curate.add_argument(
+        "--plan",
+        action="store_true",
+        help="print per level the tasks, bytes moved and estimated time; run nothing",
+    )
+    curate.add_argument("--nodes", type=int, default=1, help="--plan: nodes in the cluster")
+    curate.add_argument(
+        "--cpus-per-node", type=int, default=None, help="--plan: CPUs per node (default: here)"
+    )
+    curate.add_argument(
+        "--points", type=int, default=None, help="--plan: pool size (default: data.uri's manifest)"
+    )
+    curate.add_argument(
+        "--dim", type=int, default=None, help="--plan: embedding size (default: the backbone's)"
+    )
     curate.set_defaults(func=_cmd_curate)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over whole training runs")

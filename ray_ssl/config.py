@@ -204,6 +204,9 @@ class CurationConfig:
     embeddings_uri: str = "data/curation/embeddings"
     output_uri: str = "data/curation/curated"
     backbone: str = "pixels"  # "pixels", a timm name, or a path to an exported safetensors file
+    # An exported backbone (.safetensors) to embed with instead of `backbone` when the file
+    # exists (e.g. the export of a local training run); "" = always `backbone`.
+    backbone_export: str = ""
     pixels_size: int = 16  # "pixels": images area-downsampled to this side, then flattened
     timm_pretrained: bool = True  # a timm name: load its pretrained weights (needs the hub)
     embed_batch_size: int = 256
@@ -218,6 +221,13 @@ class CurationConfig:
     # (the reference reaches 10M level-1 clusters as 100k x 100); not with resampling.
     n_splits: tuple[int, ...] = ()
     resample_strategy: Literal["closest", "random"] = "closest"
+    # k-means seeding: "kmeans||" (Bahmani et al., VLDB 2012: init_rounds passes over the data,
+    # init_oversampling * k expected candidates each; scales on Ray) or "kmeans++" (the
+    # reference's greedy k-means++: k sequential passes)
+    init: Literal["kmeans||", "kmeans++"] = "kmeans||"
+    init_rounds: int = 5
+    init_oversampling: float = 2.0
+    n_init: int = 10  # k-means runs per cluster when splitting (n_splits); the best is kept
     lloyd_iterations: int = 20
     target_size: int = 10000
     leaf_selection: Literal["random", "closest"] = "random"
@@ -225,6 +235,13 @@ class CurationConfig:
     num_partitions: int = 4  # object-store blocks of the points (one Ray task each per pass)
     driver_max_points: int = 50000  # smaller point sets are clustered in the driver process
     flat_baseline: bool = True  # report flat k-means with each level's k for comparison
+    # Compare the curated sample with a random subset of the same size and a balanced sample from
+    # one flat k-means with level 1's k (over the classes, when labelled, and every level's
+    # clusters); costs one more k-means unless flat_baseline runs it anyway.
+    sample_baselines: bool = True
+    # > 0: curate a long-tailed subsample of a labelled pool: the class of (seeded random) rank r
+    # keeps a fraction (r + 1)^-exponent of its samples (a Zipf profile over the classes).
+    pool_zipf_exponent: float = 0.0
     seed: int = 0
 
 
@@ -556,4 +573,21 @@ def validate(config: Config) -> None:
         len(c.n_clusters) == len(c.n_resampling_steps) == len(c.sample_size),
         "curation.n_clusters, curation.n_resampling_steps and curation.sample_size must have "
         "one entry per level",
+    )
+    for level, (steps, size) in enumerate(zip(c.n_resampling_steps, c.sample_size, strict=True), 1):
+        _require(
+            not (steps > 0 and size == 1),
+            f"curation.sample_size is 1 at level {level} with n_resampling_steps={steps}: "
+            "k-means on one point per cluster is degenerate (the reference skips it); use "
+            "sample_size >= 2 or n_resampling_steps 0 there",
+        )
+    _require(c.n_init >= 1, f"curation.n_init={c.n_init} must be >= 1")
+    _require(
+        c.init_rounds >= 1 and c.init_oversampling > 0,
+        f"curation.init_rounds={c.init_rounds} must be >= 1 and "
+        f"curation.init_oversampling={c.init_oversampling} > 0",
+    )
+    _require(
+        c.pool_zipf_exponent >= 0,
+        f"curation.pool_zipf_exponent={c.pool_zipf_exponent} must be >= 0 (0 = the whole pool)",
     )

@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +49,9 @@ def digits_config(base: str, *overrides: str) -> Config:
             "curation.target_size=300",
             "curation.num_partitions=3",
             "curation.embed_concurrency=1",
+            "curation.backbone_export=",
+            "curation.pool_zipf_exponent=0",
+            "curation.flat_baseline=true",
             *overrides,
         ],
     )
@@ -213,4 +219,129 @@ def test_cli_and_job_report_bad_input_in_one_line(
         job.main(["--preset", "local", *common])
     assert code.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "curation.target_size=20000 exceeds" in err and "\n" not in err  # curate_local's
+    assert "curation.target_size=5000 exceeds" in err and "\n" not in err  # curate_local's
+
+
+def load_job(name: str):  # noqa: ANN201 - a module
+    spec = importlib.util.spec_from_file_location(f"{name}_job", f"jobs/{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def write_tiny_export(path: pathlib.Path) -> None:
+    """A tiny timm ViT for 8 x 8 gray images as ``ray_ssl.train.checkpoint`` exports it."""
+    import timm
+    from safetensors.torch import save_file
+
+    kwargs = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1}
+    kwargs.update({"num_heads": 2, "num_classes": 0})
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    path.parent.mkdir(parents=True)
+    save_file(model.state_dict(), str(path))
+    meta = {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": kwargs}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def test_local_demo_job_curates_a_long_tailed_pool(
+    ray_local: None,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """jobs/curate.py --preset local, run from another directory on digits: a Zipf pool, pixel
+    embeddings (no export yet), the report's baselines; then again once an export exists."""
+    job = load_job("curate")
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--preset",
+        "local",
+        "shards.source=digits",
+        "data.uri=shards",
+        "curation.embeddings_uri=emb",
+        "curation.output_uri=out",
+        "curation.backbone_export=run/export/teacher_backbone.safetensors",
+        "curation.pixels_size=8",
+        "curation.n_clusters=[30,6]",
+        "curation.n_resampling_steps=[1,2]",
+        "curation.sample_size=[5,2]",
+        "curation.lloyd_iterations=10",
+        "curation.target_size=150",
+        "curation.num_partitions=2",
+        "curation.embed_concurrency=1",
+    ]
+    job.main(args)
+    assert "curated 150 of" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["embedding"].startswith("pixels (no pretrained export at run/export/")
+    source_count = report["pool"]["source_count"]  # digits' train split
+    assert report["pool"]["zipf_exponent"] == 1.0 and source_count > 1000
+    classes = report["classes"]
+    before = np.array(classes["before"])
+    assert report["n_points"] == before.sum() < 0.4 * source_count  # sum of 1/r, r = 1..10
+    assert before.max() > 5 * before.min()
+    assert classes["names"] == [str(c) for c in range(10)]
+    baselines = classes["baselines"]
+    assert set(baselines) == {"random", "flat_kmeans_balanced"}
+    assert all(sum(b["counts"]) == 150 for b in baselines.values()) and sum(classes["after"]) == 150
+    # curation balances the classes of the long tail better than a random subset does
+    assert classes["kl_to_uniform_after"] < baselines["random"]["kl_to_uniform"]
+    for level in report["levels"]:
+        kl = level["samples_kl_to_uniform"]
+        assert set(kl) == {"random", "flat_kmeans_balanced", "curated"}
+        assert kl["curated"] < kl["random"]
+        assert "flat_kmeans_sizes" not in level  # curate_local: flat_baseline off
+    assert (tmp_path / "out" / "report.png").read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "emb" / "backbone" / "embeddings.json").exists()
+
+    write_tiny_export(tmp_path / "run" / "export" / "teacher_backbone.safetensors")
+    job.main(args)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["embedding"] == f"export {tmp_path}/run/export/teacher_backbone.safetensors"
+    meta = json.loads((tmp_path / "emb" / "export" / "embeddings.json").read_text())
+    assert meta["backbone"].endswith("teacher_backbone.safetensors")
+
+
+def test_resampling_one_point_per_cluster_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as code:
+        cli_main(["curate", "curation.sample_size=[30,1,2]"])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and "\n" not in err
+    assert "curation.sample_size is 1 at level 2 with n_resampling_steps=5" in err
+    load_config("curate_web")  # level 1: sample_size 1 without resampling is fine
+
+
+def test_plan_prints_levels_without_ray(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = (
+        "import sys; from ray_ssl.cli import main; main(sys.argv[1:]); "
+        "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'Ray imported'"
+    )
+    args = ["--preset", "curate_web", "--plan", "--points", "100000000", "--nodes", "8"]
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path.cwd())}
+    out = subprocess.run(
+        [sys.executable, "-c", code, "curate", *args, "--cpus-per-node", "16"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert (
+        "100000000 points (--points) x 1024 dims" in lines[0] and "8 node(s) x 16 CPUs" in lines[0]
+    )
+    assert "GMAC/s per core" in lines[1]
+    rows = {line.split()[0] + line.split()[1]: line.split() for line in lines[3:-1]}
+    assert list(rows) == ["level1", "split10000000", "level2", "level3", "level4"]
+    assert int(rows["level1"][4]) == 1 + 6 + 5 + 51  # k-means||: first row, 6 passes, 5 draws
+    assert lines[-1].startswith("total")
+    assert not list(tmp_path.iterdir())  # wrote nothing
+
+    with pytest.raises(SystemExit) as exit_code:
+        cli_main(["curate", "--preset", "curate_web", "--plan"])
+    err = capsys.readouterr().err.strip()
+    assert exit_code.value.code == 2 and "pass --points N" in err and "\n" not in err

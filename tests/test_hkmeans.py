@@ -10,8 +10,19 @@ from sklearn.datasets import make_blobs
 from ray_ssl.curation.blocks import LocalExecutor, PointSet, RayExecutor
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.curation.hierarchy import check_levels, hierarchical_kmeans
-from ray_ssl.curation.hkmeans import LevelSpec, kmeans, resample, rows_at
-from ray_ssl.curation.split import split_clusters
+from ray_ssl.curation.hkmeans import (
+    KMEANS_PLUSPLUS,
+    SEED_BOUND,
+    InitSpec,
+    LevelSpec,
+    kmeans,
+    kmeans_parallel,
+    parallel_candidates,
+    resample,
+    rows_at,
+)
+from ray_ssl.curation.kmeans import uniform_keys
+from ray_ssl.curation.split import best_of, split_clusters
 
 SPECS = [LevelSpec(40, 2, 8), LevelSpec(10, 2, 2), LevelSpec(3, 1, 2)]
 
@@ -21,11 +32,19 @@ def blobs(n: int = 1200, seed: int = 0) -> np.ndarray:
     return x.astype(np.float32)
 
 
-@pytest.mark.parametrize("strategy", ["closest", "random"])
-def test_distributed_equals_single_process(ray_local: None, strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "init"),
+    [("closest", InitSpec()), ("random", InitSpec()), ("closest", InitSpec(KMEANS_PLUSPLUS))],
+)
+def test_distributed_equals_single_process(ray_local: None, strategy: str, init: InitSpec) -> None:
     x = blobs()
     single = hierarchical_kmeans(
-        PointSet.from_array(x, LocalExecutor(), 1), SPECS, np.random.default_rng(7), 15, strategy
+        PointSet.from_array(x, LocalExecutor(), 1),
+        SPECS,
+        np.random.default_rng(7),
+        15,
+        strategy,
+        init=init,
     )
     distributed = hierarchical_kmeans(
         PointSet.from_array(x, RayExecutor(), 4),
@@ -35,6 +54,7 @@ def test_distributed_equals_single_process(ray_local: None, strategy: str) -> No
         strategy,
         n_blocks=3,
         driver_max_points=0,  # every level and every resampled subset as Ray tasks
+        init=init,
     )
     for a, b in zip(single.levels, distributed.levels, strict=True):
         np.testing.assert_array_equal(a.labels, b.labels)
@@ -140,3 +160,91 @@ def test_split_level_feeds_the_next_level() -> None:
         check_levels([LevelSpec(5, 1, 2, n_splits=3)], 500)
     with pytest.raises(CurationError, match="level 2 asks for 16 clusters of only 15"):
         check_levels([LevelSpec(5, 0, 1, n_splits=3), LevelSpec(16)], 500)
+
+
+def brute_sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    return ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+
+
+def test_parallel_candidates_follow_algorithm_2() -> None:
+    """Lines 1-7 of k-means|| recomputed by brute force in float64 from the same draws."""
+    x, k, rounds, oversampling = blobs(900, seed=5), 12, 3, 2.0
+    found = parallel_candidates(
+        PointSet.from_array(x, LocalExecutor(), 3), k, np.random.default_rng(11), rounds, 2.0
+    )
+    rng = np.random.default_rng(11)
+    chosen = [int(rng.integers(len(x)))]
+    for _ in range(rounds):
+        d2 = brute_sqdist(x, x[chosen]).min(1)
+        d2[chosen] = 0.0
+        seed = int(rng.integers(SEED_BOUND))
+        keys = uniform_keys(seed, np.arange(len(x)))
+        chosen += np.flatnonzero(keys < oversampling * k * d2 / d2.sum()).tolist()
+    assert found.ids.tolist() == chosen
+    assert 2 * k < len(chosen) < 2 * k * rounds + 1 + 3 * np.sqrt(2 * k * rounds)  # ~ l per round
+    np.testing.assert_array_equal(found.rows, x[chosen])
+    nearest = brute_sqdist(x, x[chosen]).argmin(1)
+    np.testing.assert_array_equal(found.weights, np.bincount(nearest, minlength=len(chosen)))
+
+
+def test_kmeans_parallel_distributed_equals_single_process(ray_local: None) -> None:
+    x = blobs(1500, seed=6)
+    for seed in (0, 1):
+        single = kmeans_parallel(
+            PointSet.from_array(x, LocalExecutor(), 1), 30, np.random.default_rng(seed)
+        )
+        on_ray = kmeans_parallel(
+            PointSet.from_array(x, RayExecutor(), 5), 30, np.random.default_rng(seed)
+        )
+        np.testing.assert_array_equal(single, on_ray)
+        assert len(np.unique(single, axis=0)) == 30
+        assert (brute_sqdist(single, x).min(1) == 0).all()  # centres are data points
+
+
+def test_kmeans_parallel_tops_up_with_few_distinct_points() -> None:
+    x = np.repeat(blobs(8, seed=7), 10, axis=0)  # 8 distinct points, 80 rows
+    centres = kmeans_parallel(
+        PointSet.from_array(x, LocalExecutor(), 2), 12, np.random.default_rng(0)
+    )
+    assert centres.shape == (12, x.shape[1]) and len(np.unique(centres, axis=0)) == 8
+
+
+def test_kmeans_parallel_matches_kmeans_plusplus_inertia() -> None:
+    x = blobs(3000, seed=8)
+    inertia = {
+        method: np.mean(
+            [
+                kmeans(
+                    PointSet.from_array(x, LocalExecutor(), 3),
+                    60,
+                    np.random.default_rng(s),
+                    20,
+                    InitSpec(method),
+                ).assignment.inertia
+                for s in range(3)
+            ]
+        )
+        for method in ("kmeans||", KMEANS_PLUSPLUS)
+    }
+    assert inertia["kmeans||"] <= 1.02 * inertia[KMEANS_PLUSPLUS]
+
+
+def test_n_init_keeps_the_lowest_inertia_run() -> None:
+    x = blobs(400, seed=9)
+    points = PointSet.from_array(x, LocalExecutor(), 2)
+    best = best_of(points, 8, np.random.default_rng(5), 3, InitSpec(), 4)
+    rng = np.random.default_rng(5)
+    runs = [kmeans(points, 8, rng, 3, InitSpec()) for _ in range(4)]
+    inertias = [run.assignment.inertia for run in runs]
+    assert len(set(inertias)) > 1  # the runs differ, so the choice matters
+    assert best.assignment.inertia == min(inertias)
+    np.testing.assert_array_equal(best.centroids, runs[int(np.argmin(inertias))].centroids)
+
+    # per cluster, run 1 of n_init=5 is the n_init=1 run: best of 5 is never worse
+    result = kmeans(points, 4, np.random.default_rng(0), 10)
+    one, five = (
+        split_clusters(points, result, 6, np.random.default_rng(1), 3, InitSpec(), n_init)
+        for n_init in (1, 5)
+    )
+    assert five.assignment.inertia < one.assignment.inertia

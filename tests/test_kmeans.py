@@ -21,6 +21,7 @@ from ray_ssl.curation.kmeans import (
     squared_distances,
     uniform_keys,
     update_centroids,
+    weighted_kmeans_plusplus,
 )
 
 
@@ -131,3 +132,18 @@ def test_inertia_close_to_scikit_learn() -> None:
     theirs = [KMeans(10, n_init=1, random_state=s).fit(x).inertia_ for s in range(3)]
     assert np.mean(ours) == pytest.approx(np.mean(theirs), rel=0.03)
     assert min(ours) <= 1.03 * min(theirs)
+
+
+def test_weighted_kmeans_plusplus_treats_weights_as_multiplicities() -> None:
+    x, _ = make_blobs(120, n_features=4, centers=6, random_state=6)
+    x = x.astype(np.float32)
+    weights = np.random.default_rng(0).integers(1, 5, len(x))
+    for seed in range(3):
+        weighted = weighted_kmeans_plusplus(x, weights, 10, np.random.default_rng(seed))
+        repeated = weighted_kmeans_plusplus(
+            np.repeat(x, weights, axis=0), np.ones(weights.sum()), 10, np.random.default_rng(seed)
+        )
+        np.testing.assert_array_equal(weighted, repeated)
+        assert (
+            len(np.unique(weighted, axis=0)) == 10 and (brute_sqdist(weighted, x).min(1) == 0).all()
+        )

@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ray_ssl.config import CurationConfig
 from ray_ssl.curation.blocks import PointSet
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hkmeans import LevelSpec, in_driver_if_small, kmeans_with_resampling
+from ray_ssl.curation.hkmeans import (
+    DEFAULT_INIT,
+    InitSpec,
+    LevelSpec,
+    in_driver_if_small,
+    kmeans_with_resampling,
+)
 from ray_ssl.curation.split import split_clusters
 
 log = logging.getLogger(__name__)
@@ -69,20 +76,21 @@ class Hierarchy:
         np.savez(buffer, n_levels=np.array(len(self.levels)), **arrays)
         return buffer.getvalue()
 
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> Hierarchy:
-        data = np.load(io.BytesIO(raw))
-        return cls(
-            [
-                Level(
-                    data[f"centroids{i}"],
-                    data[f"labels{i}"],
-                    data[f"sqdist{i}"],
-                    float(data[f"inertia{i}"]),
-                )
-                for i in range(1, int(data["n_levels"]) + 1)
-            ]
+
+def level_specs(cfg: CurationConfig) -> list[LevelSpec]:
+    """The levels of ``cfg``; one-line error when ``n_splits`` has the wrong length."""
+    splits = cfg.n_splits or (1,) * len(cfg.n_clusters)
+    if len(splits) != len(cfg.n_clusters):
+        raise CurationError(
+            f"curation.n_splits has {len(splits)} entries for {len(cfg.n_clusters)} levels; give "
+            "one per level or none"
         )
+    return [
+        LevelSpec(*level)
+        for level in zip(
+            cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, splits, strict=True
+        )
+    ]
 
 
 def check_levels(specs: list[LevelSpec], n_points: int) -> None:
@@ -118,9 +126,12 @@ def hierarchical_kmeans(
     strategy: str = "closest",
     n_blocks: int = 1,
     driver_max_points: int = 0,
+    init: InitSpec = DEFAULT_INIT,
+    n_init: int = 1,
 ) -> Hierarchy:
     """Build the hierarchy bottom-up; level l >= 2 clusters level l-1's centroids, split into
-    ``n_blocks`` blocks on the same executor as ``points``."""
+    ``n_blocks`` blocks on the same executor as ``points``. A level with ``n_splits`` > 1 splits
+    each cluster by the best (lowest inertia) of ``n_init`` k-means runs."""
     check_levels(specs, points.n)
     executor = points.executor
     hierarchy = Hierarchy()
@@ -136,9 +147,11 @@ def hierarchical_kmeans(
             spec.n_resampling_steps,
             spec.sample_size,
         )
-        result = kmeans_with_resampling(current, spec, rng, iterations, strategy, driver_max_points)
+        result = kmeans_with_resampling(
+            current, spec, rng, iterations, strategy, driver_max_points, init
+        )
         if spec.n_splits > 1:
-            result = split_clusters(current, result, spec.n_splits, rng, iterations)
+            result = split_clusters(current, result, spec.n_splits, rng, iterations, init, n_init)
             log.info("level %d: split into %d clusters", level, len(result.centroids))
         hierarchy.levels.append(
             Level(

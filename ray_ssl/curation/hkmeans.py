@@ -1,7 +1,8 @@
 """Distributed k-means with resampling: one level of hierarchical k-means (Vo et al., arXiv
 2405.15613; :mod:`ray_ssl.curation.hierarchy` stacks the levels).
 
-A level runs k-means (k-means++ seeding with 2 + ln k greedy local trials, then Lloyd iterations)
+A level runs k-means (k-means|| seeding by default - Bahmani et al., "Scalable K-Means++", VLDB
+2012 - or the reference's greedy k-means++ with 2 + ln k local trials, then Lloyd iterations)
 followed by R resampling steps: take ``sample_size`` points of every cluster (closest to the
 centroid or at random), run k-means on them alone, and reassign all points to the new centroids -
 which moves centroids from dense regions towards a uniform cover of the data's support. The order
@@ -10,10 +11,12 @@ of steps follows the reference implementation, facebookresearch/ssl-data-curatio
 
 Everything here is written against :class:`~ray_ssl.curation.blocks.PointSet`: with a
 RayExecutor the points stay in the object store as blocks, assignment runs as one task per block,
-per-cluster float64 sums and counts are reduced by a tree of tasks, and every k-means++ step is
-two waves of tasks (draw the candidates where they live; every block returns the candidates'
-potentials). The random draws all happen in this process, in the same order whatever the number of
-blocks, so a distributed run reproduces a single-process run with the same seed.
+per-cluster float64 sums and counts are reduced by a tree of tasks. k-means|| takes a fixed number
+of rounds (5, as in the paper's experiments), each one distance pass of tasks over the blocks plus
+one cheap sampling wave, then reclusters the few-times-k weighted candidates in this process; the
+greedy k-means++ instead takes two waves of tasks per centre (k sequential steps), which is why it
+does not scale on Ray. Random draws happen in this process or come from counter-based keys of the
+global row ids, so a distributed run reproduces a single-process run with the same seed.
 """
 
 from __future__ import annotations
@@ -37,11 +40,16 @@ from ray_ssl.curation.kmeans import (
     squared_distances,
     uniform_keys,
     update_centroids,
+    weighted_kmeans_plusplus,
 )
 
 log = logging.getLogger(__name__)
 
 SEED_BOUND = 2**63  # seeds of the counter-based random keys are drawn below this
+KMEANS_PARALLEL, KMEANS_PLUSPLUS = "kmeans||", "kmeans++"
+INIT_METHODS = (KMEANS_PARALLEL, KMEANS_PLUSPLUS)
+# Bahmani et al. 2012, Section 5: r = 5 rounds with oversampling l = 2k give k-means++'s cost.
+PARALLEL_ROUNDS, PARALLEL_OVERSAMPLING = 5, 2.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,18 @@ class LevelSpec:
     n_resampling_steps: int = 0
     sample_size: int = 1
     n_splits: int = 1  # > 1: then split every cluster in at most this many (ray_ssl.curation.split)
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How k-means picks its initial centroids."""
+
+    method: str = KMEANS_PARALLEL  # "kmeans||" (scales on Ray) or "kmeans++" (the reference's)
+    rounds: int = PARALLEL_ROUNDS  # k-means||: oversampling rounds r
+    oversampling: float = PARALLEL_OVERSAMPLING  # k-means||: l / k, expected draws per round
+
+
+DEFAULT_INIT = InitSpec()
 
 
 @dataclass
@@ -108,6 +128,45 @@ def _kpp_pick(
     x: np.ndarray, stack: np.ndarray, row: int, values: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     return pick_weighted(x, stack[row], values)
+
+
+def _parallel_update(
+    x: np.ndarray,
+    closest: np.ndarray | None,
+    nearest: np.ndarray | None,
+    offset: int,
+    new_rows: np.ndarray,
+    new_ids: np.ndarray,
+    first_index: int,
+    n_candidates: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """k-means|| distance pass on one block: d^2(x, C) and x's nearest candidate after adding
+    ``new_rows`` (candidates ``first_index``...), the block's potential, and with
+    ``n_candidates`` > 0 the points per candidate (the weights of Algorithm 2, line 7)."""
+    n = len(x)
+    if closest is None:
+        closest, nearest = np.full(n, np.inf, np.float32), np.zeros(n, np.int64)
+    if len(new_rows):
+        labels, sqdist = assign_nearest(x, new_rows)
+        local = new_ids - offset  # a candidate is in C: distance 0 exactly, not GEMM round-off
+        mine = (local >= 0) & (local < n)
+        sqdist[local[mine]], labels[local[mine]] = 0.0, np.flatnonzero(mine)
+        closer = sqdist < closest
+        closest = np.where(closer, sqdist, closest)
+        nearest = np.where(closer, first_index + labels, nearest)
+    counts = np.bincount(nearest, minlength=n_candidates) if n_candidates else np.zeros(0, np.int64)
+    return closest, nearest, np.array([closest.sum(dtype=np.float64)]), counts
+
+
+def _parallel_sample(
+    x: np.ndarray, closest: np.ndarray, offset: int, seed: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """This block's draws of one k-means|| round: every point independently with probability
+    ``scale`` * d^2(x, C), scale = l / phi_X(C), using its counter-based key."""
+    ids = offset + np.arange(len(closest), dtype=np.int64)
+    # Algorithm 2, line 4: sample x with probability p_x = l d^2(x, C) / phi_X(C)
+    picked = uniform_keys(seed, ids) < scale * closest.astype(np.float64)
+    return ids[picked], np.asarray(x, np.float32)[picked]
 
 
 def _take_rows(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -202,23 +261,137 @@ def kmeans_plusplus(points: PointSet, k: int, rng: np.random.Generator) -> np.nd
     return centers
 
 
-def lloyd(points: PointSet, centroids: np.ndarray, iterations: int) -> KMeansResult:
-    """Lloyd iterations from ``centroids``; stops early once no label changes (a fixed point)."""
+@dataclass
+class Candidates:
+    """What k-means|| oversampling gathers: rows, their global ids and their weights."""
+
+    rows: np.ndarray  # float32 [m, d], in the order drawn (round by round, global row order)
+    ids: np.ndarray  # int64 [m]
+    weights: np.ndarray  # int64 [m]: points nearest to each candidate (ties: the earlier one)
+
+
+def parallel_candidates(
+    points: PointSet,
+    k: int,
+    rng: np.random.Generator,
+    rounds: int = PARALLEL_ROUNDS,
+    oversampling: float = PARALLEL_OVERSAMPLING,
+) -> Candidates:
+    """Lines 1-7 of k-means|| (Bahmani et al., VLDB 2012, Algorithm 2) over the blocks.
+
+    ``rounds`` times, every point joins the candidates independently with probability
+    l d^2(x, C) / phi_X(C), l = ``oversampling`` * k: one sampling wave (counter-based keys of
+    the global row ids) and one distance pass of tasks per round, about l new candidates each;
+    the last pass also counts the points nearest to every candidate.
+    """
+    ex = points.executor
+    n_blocks = len(points.blocks)
+    ell = oversampling * k
+    first = np.array([rng.integers(points.n)])  # Algorithm 2, line 1: C <- one uniform point
+    ids, rows = [first], [rows_at(points, first)]
+    closest: list[Handle] = [None] * n_blocks
+    nearest: list[Handle] = [None] * n_blocks
+    new_ids, new_rows, total = first, rows[0], 1
+    for step in range(rounds + 1):
+        last = step == rounds
+        outs = points.map(
+            _parallel_update,
+            closest,
+            nearest,
+            points.offsets,
+            shared=(new_rows, new_ids, total - len(new_ids), total if last else 0),
+            num_returns=4,
+        )
+        closest, nearest = [o[0] for o in outs], [o[1] for o in outs]
+        if last:
+            break
+        # Algorithm 2, lines 2-3: phi_X(C), the potential of the candidates so far
+        phi = float(np.sum(ex.get([o[2] for o in outs])))
+        seed = int(rng.integers(SEED_BOUND))
+        if phi <= 0.0:  # every point coincides with a candidate: nothing left to draw
+            new_ids, new_rows = np.zeros(0, np.int64), np.zeros((0, points.dim), np.float32)
+            continue
+        drawn = ex.get(
+            points.map(_parallel_sample, closest, points.offsets, shared=(seed, ell / phi))
+        )
+        # Algorithm 2, line 5: C <- C u C' (block order = global row order)
+        new_ids = np.concatenate([d[0] for d in drawn])
+        new_rows = np.concatenate([d[1] for d in drawn])
+        ids.append(new_ids)
+        rows.append(new_rows)
+        total += len(new_ids)
+        log.debug("k-means|| round %d: potential %.6g, %d new candidates", step + 1, phi, total)
+    # Algorithm 2, line 7: w_x = the number of points nearer to candidate x than to the others
+    weights = ex.sum([o[3] for o in outs])
+    return Candidates(np.concatenate(rows), np.concatenate(ids), weights)
+
+
+def kmeans_parallel(
+    points: PointSet,
+    k: int,
+    rng: np.random.Generator,
+    rounds: int = PARALLEL_ROUNDS,
+    oversampling: float = PARALLEL_OVERSAMPLING,
+) -> np.ndarray:
+    """k-means|| seeding: :func:`parallel_candidates`, then the weighted candidates reclustered
+    into k centres by greedy k-means++ in this process (Algorithm 2, line 8). Fewer than k
+    candidates (data with fewer distinct points) are topped up with uniformly drawn points."""
+    _check_k(k, points.n)
+    found = parallel_candidates(points, k, rng, rounds, oversampling)
+    log.debug("k-means||: %d weighted candidates for %d centres", len(found.ids), k)
+    if len(found.ids) <= k:
+        return _top_up(points, found.rows, found.ids, k, rng)
+    return weighted_kmeans_plusplus(found.rows, found.weights, k, rng)
+
+
+def _top_up(
+    points: PointSet, rows: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The candidates plus uniformly drawn other points, k rows in all."""
+    if len(rows) == k:
+        return rows
+    drawn = rng.choice(points.n, size=min(points.n, k + len(ids)), replace=False)
+    extra = np.sort(drawn[~np.isin(drawn, ids)][: k - len(rows)])
+    return np.concatenate([rows, rows_at(points, extra)])
+
+
+def initial_centroids(
+    points: PointSet, k: int, rng: np.random.Generator, init: InitSpec = DEFAULT_INIT
+) -> np.ndarray:
+    """k initial centroids by ``init.method``."""
+    if init.method == KMEANS_PARALLEL:
+        return kmeans_parallel(points, k, rng, init.rounds, init.oversampling)
+    if init.method == KMEANS_PLUSPLUS:
+        return kmeans_plusplus(points, k, rng)
+    raise CurationError(f"curation.init='{init.method}'; use one of {', '.join(INIT_METHODS)}")
+
+
+def lloyd(
+    points: PointSet, centroids: np.ndarray, iterations: int, until_stable: bool = True
+) -> KMeansResult:
+    """Lloyd iterations from ``centroids``; with ``until_stable`` stops early once no label
+    changes (a fixed point), else runs all ``iterations`` (as faiss and the reference do)."""
     assignment, sums, _ = assign(points, centroids)
     done = 0
     for _ in tqdm(range(iterations), desc="Lloyd", unit="iter", disable=None, leave=False):
         centroids = update_centroids(sums, assignment.counts, centroids)
         assignment, sums, changed = assign(points, centroids, assignment)
         done += 1
-        if changed == 0:
+        if until_stable and changed == 0:
             break
     log.debug("Lloyd: %d iterations, inertia %.6g", done, assignment.inertia)
     return KMeansResult(centroids, assignment, done)
 
 
-def kmeans(points: PointSet, k: int, rng: np.random.Generator, iterations: int) -> KMeansResult:
-    """k-means++ seeding then Lloyd."""
-    return lloyd(points, kmeans_plusplus(points, k, rng), iterations)
+def kmeans(
+    points: PointSet,
+    k: int,
+    rng: np.random.Generator,
+    iterations: int,
+    init: InitSpec = DEFAULT_INIT,
+) -> KMeansResult:
+    """Seeding by ``init`` then Lloyd."""
+    return lloyd(points, initial_centroids(points, k, rng, init), iterations)
 
 
 def resample(
@@ -254,10 +427,11 @@ def kmeans_with_resampling(
     iterations: int,
     strategy: str = "closest",
     driver_max_points: int = 0,
+    init: InitSpec = DEFAULT_INIT,
 ) -> KMeansResult:
     """k-means, then ``spec.n_resampling_steps`` times: k-means on ``spec.sample_size`` points per
     cluster and reassignment of all points to its centroids (Vo et al., arXiv 2405.15613)."""
-    result = kmeans(points, spec.n_clusters, rng, iterations)
+    result = kmeans(points, spec.n_clusters, rng, iterations, init)
     for step in range(spec.n_resampling_steps):
         sample = resample(points, result.assignment, spec.sample_size, strategy, rng)
         if sample.n < spec.n_clusters:
@@ -270,7 +444,7 @@ def kmeans_with_resampling(
             )
             break
         sub = kmeans(
-            in_driver_if_small(sample, driver_max_points), spec.n_clusters, rng, iterations
+            in_driver_if_small(sample, driver_max_points), spec.n_clusters, rng, iterations, init
         )
         assignment, _, changed = assign(points, sub.centroids, result.assignment)
         log.debug("resampling step %d: %d points changed cluster", step + 1, changed)

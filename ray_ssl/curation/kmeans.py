@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from ray_ssl.curation.blocks import as_points
 
@@ -21,6 +22,10 @@ SUM_CHUNK_ROWS = 65536  # rows sorted and summed at a time by cluster_sums
 # Below this many multiply-adds numpy's BLAS call beats torch (MKL), whose OpenMP pool costs up to
 # milliseconds per call on a busy machine; above it MKL's GEMM is faster (benchmarks/kmeans.py).
 TORCH_MIN_GEMM_FLOPS = 1 << 24
+# k-means++ steps up to this many multiply-adds run on one BLAS thread: these thin products are
+# memory-bound and a thread pool costs more than it gains, far more on a busy machine (20000 x
+# 128 by 9: 5 ms on one numpy thread, 32 ms through torch's pool, 61 ms numpy's, load ~20).
+ONE_THREAD_MAX_MACS = 1 << 28
 # splitmix64 constants (Steele et al., "Fast splittable pseudorandom number generators", 2014)
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -122,6 +127,41 @@ def pick_weighted(
     [0, closest.sum()); returns their local indices and the rows."""
     ids = locate(np.cumsum(closest), values)
     return ids, as_points(x)[ids]
+
+
+def weighted_kmeans_plusplus(
+    x: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Greedy k-means++ on weighted points (scikit-learn's ``_kmeans_plusplus`` with
+    ``sample_weight``): the first centre drawn with probability w / sum w, then per step 2 + ln k
+    candidates with probability w D(x)^2 / sum w D^2, keeping the one that leaves the smallest
+    weighted potential sum w min(D^2, d(x, candidate)^2). Runs in this process."""
+    x = as_points(x)
+    w = np.asarray(weights, np.float64)
+    trials = n_local_trials(k)
+    norms = squared_norms(x)
+    small = len(x) * x.shape[1] * trials < ONE_THREAD_MAX_MACS
+    with threadpool_limits(limits=1 if small else None):
+
+        def distances_to(ids: np.ndarray) -> np.ndarray:  # [n, len(ids)] float64
+            dist = (_tensor(x) @ _tensor(x[ids]).T).numpy() if not small else x @ x[ids].T
+            dist = dist.astype(np.float64)
+            dist *= -2.0
+            dist += norms[:, None]
+            dist += norms[ids][None, :]
+            return np.maximum(dist, 0.0, out=dist)
+
+        chosen = np.empty(k, np.int64)
+        chosen[0] = locate(np.cumsum(w), rng.random(1) * w.sum())[0]
+        closest = distances_to(chosen[:1])[:, 0]
+        for c in range(1, k):
+            potential = w * closest
+            ids = locate(np.cumsum(potential), rng.random(trials) * potential.sum())
+            dist = distances_to(ids)
+            np.minimum(dist, closest[:, None], out=dist)
+            best = int(np.argmin(w @ dist))
+            chosen[c], closest = ids[best], dist[:, best]
+    return x[chosen]
 
 
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,8 @@
 Outputs under ``curation.output_uri`` (each written atomically):
 ``curated.parquet`` (key, idx, label and the cluster of every level of each chosen sample),
 ``curated.json`` (summary and resolved config), ``hierarchy.npz`` (centroids and assignments of
-every level), ``report.json`` and ``report.png`` (balance per level vs flat k-means), and with
+every level), ``report.json`` and ``report.png`` (class balance and balance over every level's
+clusters, against a random subset and a flat-k-means balanced sample of the same size), and with
 ``curation.write_shards`` a shard set of the chosen samples under ``<output_uri>/shards``.
 """
 
@@ -24,9 +25,16 @@ from ray_ssl.config import Config, CurationConfig, StorageConfig, to_dict
 from ray_ssl.curation.blocks import PointSet, RayExecutor
 from ray_ssl.curation.embed import embed_shard_set
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.curation.hierarchy import Hierarchy, check_levels, hierarchical_kmeans
-from ray_ssl.curation.hkmeans import LevelSpec, in_driver_if_small, kmeans
-from ray_ssl.curation.report import CurationReport
+from ray_ssl.curation.hierarchy import (
+    Hierarchy,
+    Level,
+    check_levels,
+    hierarchical_kmeans,
+    level_specs,
+)
+from ray_ssl.curation.hkmeans import InitSpec, in_driver_if_small, kmeans
+from ray_ssl.curation.pool import zipf_subsample
+from ray_ssl.curation.report import FLAT_BALANCED, RANDOM_SUBSET, CurationReport
 from ray_ssl.curation.sampling import Selection, hierarchical_sample
 from ray_ssl.curation.table import EmbeddingTable, load_embeddings
 from ray_ssl.data.errors import ShardError
@@ -38,23 +46,32 @@ log = logging.getLogger(__name__)
 CURATED_TABLE, CURATED_SUMMARY = "curated.parquet", "curated.json"
 HIERARCHY_FILE, REPORT_JSON, REPORT_PNG = "hierarchy.npz", "report.json", "report.png"
 CURATED_SHARDS_DIR = "shards"
-FLAT_SEED_OFFSET = 1  # the flat baseline draws from its own stream: seed + this
+# Each baseline and the pool draw from their own streams: seed + these offsets.
+FLAT_SEED_OFFSET, RANDOM_SEED_OFFSET, POOL_SEED_OFFSET = 1, 2, 3
+EXPORT_EMBEDDINGS, PIXELS_EMBEDDINGS = "export", "backbone"  # sub-dirs with backbone_export set
 
 
-def level_specs(cfg: CurationConfig) -> list[LevelSpec]:
-    """The levels of ``cfg``; one-line error when ``n_splits`` has the wrong length."""
-    splits = cfg.n_splits or (1,) * len(cfg.n_clusters)
-    if len(splits) != len(cfg.n_clusters):
-        raise CurationError(
-            f"curation.n_splits has {len(splits)} entries for {len(cfg.n_clusters)} levels; give "
-            "one per level or none"
-        )
-    return [
-        LevelSpec(*level)
-        for level in zip(
-            cfg.n_clusters, cfg.n_resampling_steps, cfg.sample_size, splits, strict=True
-        )
-    ]
+def init_spec(cfg: CurationConfig) -> InitSpec:
+    return InitSpec(cfg.init, cfg.init_rounds, cfg.init_oversampling)
+
+
+def choose_backbone(cfg: CurationConfig, storage: StorageConfig) -> tuple[CurationConfig, str]:
+    """``cfg`` embedding with ``backbone_export`` when that file exists, else with ``backbone``,
+    and a description of the embedding for the report. With ``backbone_export`` set the two
+    kinds of embeddings live in sub-directories of ``embeddings_uri``, so that a rerun after a
+    training run has exported its backbone does not meet the older embeddings."""
+    if not cfg.backbone_export:
+        return cfg, cfg.backbone
+    export = _absolute(cfg.backbone_export)
+    if resolve(export, storage).exists():
+        uri = f"{cfg.embeddings_uri.rstrip('/')}/{EXPORT_EMBEDDINGS}"
+        return dataclasses.replace(cfg, backbone=export, embeddings_uri=uri), f"export {export}"
+    log.warning("no exported backbone at %s; embedding with '%s'", export, cfg.backbone)
+    uri = f"{cfg.embeddings_uri.rstrip('/')}/{PIXELS_EMBEDDINGS}"
+    return (
+        dataclasses.replace(cfg, embeddings_uri=uri),
+        f"{cfg.backbone} (no pretrained export at {cfg.backbone_export})",
+    )
 
 
 def _source_manifest(config: Config) -> Manifest:
@@ -66,18 +83,45 @@ def _source_manifest(config: Config) -> Manifest:
         return ensure_shard_set(config.shards, config.data.uri, config.storage)
 
 
-def flat_baseline_sizes(
-    points: PointSet, hierarchy: Hierarchy, cfg: CurationConfig
-) -> dict[int, np.ndarray]:
-    """Cluster sizes of flat k-means on the points with each level's k (no resampling)."""
-    rng = np.random.default_rng(cfg.seed + FLAT_SEED_OFFSET)
+def flat_kmeans(points: PointSet, k: int, cfg: CurationConfig, rng: np.random.Generator) -> Level:
+    """One flat k-means (no resampling) on the points, as a level."""
     points = in_driver_if_small(points, cfg.driver_max_points)
-    return {
-        level: kmeans(
-            points, hierarchy.n_clusters(level), rng, cfg.lloyd_iterations
-        ).assignment.counts
-        for level in range(1, len(hierarchy.levels) + 1)
+    result = kmeans(points, k, rng, cfg.lloyd_iterations, init_spec(cfg))
+    return Level(
+        result.centroids,
+        points.concat(result.assignment.labels).astype(np.int64),
+        points.concat(result.assignment.sqdist).astype(np.float32),
+        result.assignment.inertia,
+    )
+
+
+def flat_baselines(
+    points: PointSet, hierarchy: Hierarchy, cfg: CurationConfig
+) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
+    """Per level (``flat_baseline``): cluster sizes of flat k-means with that level's k. And
+    (``sample_baselines``) two samples of ``target_size`` points: a uniform random subset, and
+    a balanced sample from flat k-means with level 1's k (the level-1 run of the first part
+    when there is one, else one k-means)."""
+    rng = np.random.default_rng(cfg.seed + FLAT_SEED_OFFSET)
+    flat = (
+        {
+            level: flat_kmeans(points, hierarchy.n_clusters(level), cfg, rng)
+            for level in range(1, len(hierarchy.levels) + 1)
+        }
+        if cfg.flat_baseline
+        else {}
+    )
+    sizes = {
+        level: np.bincount(lvl.labels, minlength=len(lvl.centroids)) for level, lvl in flat.items()
     }
+    if not cfg.sample_baselines:
+        return sizes, {}
+    level1 = flat.get(1) or flat_kmeans(points, hierarchy.n_clusters(1), cfg, rng)
+    balanced = hierarchical_sample(Hierarchy([level1]), cfg.target_size, rng, cfg.leaf_selection)
+    random_rows = np.random.default_rng(cfg.seed + RANDOM_SEED_OFFSET).choice(
+        points.n, cfg.target_size, replace=False
+    )
+    return sizes, {RANDOM_SUBSET: np.sort(random_rows), FLAT_BALANCED: balanced.points}
 
 
 def curated_table(table: EmbeddingTable, hierarchy: Hierarchy, selection: Selection) -> pa.Table:
@@ -106,6 +150,19 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def long_tailed_pool(table: EmbeddingTable, cfg: CurationConfig) -> EmbeddingTable:
+    """The Zipf subsample of the labelled table that the demo curates (``pool_zipf_exponent``)."""
+    rng = np.random.default_rng(cfg.seed + POOL_SEED_OFFSET)
+    pool = table.subset(zipf_subsample(table.labels, cfg.pool_zipf_exponent, rng))
+    log.info("long-tailed pool: %d of %d samples", pool.points.n, table.points.n)
+    if cfg.target_size > pool.points.n:
+        raise CurationError(
+            f"curation.target_size={cfg.target_size} exceeds the {pool.points.n} samples of the "
+            f"long-tailed pool (pool_zipf_exponent={cfg.pool_zipf_exponent}); lower either"
+        )
+    return pool
+
+
 @dataclass
 class CurationOutcome:
     output_uri: str
@@ -122,6 +179,7 @@ def run_curation(config: Config) -> CurationOutcome:
         embeddings_uri=_absolute(config.curation.embeddings_uri),
         output_uri=_absolute(config.curation.output_uri),
     )
+    cfg, embedding = choose_backbone(cfg, config.storage)
     config = dataclasses.replace(
         config, curation=cfg, data=dataclasses.replace(config.data, uri=_absolute(config.data.uri))
     )
@@ -138,6 +196,8 @@ def run_curation(config: Config) -> CurationOutcome:
     names = embed_shard_set(config.data.uri, manifest, cfg, config.storage).names
     executor = RayExecutor()
     table = load_embeddings(cfg.embeddings_uri, names, config.storage, executor, cfg.num_partitions)
+    if cfg.pool_zipf_exponent > 0:
+        table = long_tailed_pool(table, cfg)
     rng = np.random.default_rng(cfg.seed)
     hierarchy = hierarchical_kmeans(
         table.points,
@@ -147,15 +207,24 @@ def run_curation(config: Config) -> CurationOutcome:
         cfg.resample_strategy,
         cfg.num_partitions,
         cfg.driver_max_points,
+        init_spec(cfg),
+        cfg.n_init,
     )
     selection = hierarchical_sample(hierarchy, cfg.target_size, rng, cfg.leaf_selection)
-    flat = flat_baseline_sizes(table.points, hierarchy, cfg) if cfg.flat_baseline else {}
+    flat, baselines = flat_baselines(table.points, hierarchy, cfg)
     report = CurationReport(
         hierarchy,
         selection,
         flat,
         table.labels,
-        extra={"source_uri": config.data.uri, "backbone": cfg.backbone},
+        baselines,
+        list(manifest.classes),
+        embedding,
+        extra={
+            "source_uri": config.data.uri,
+            "backbone": cfg.backbone,
+            "pool": {"source_count": manifest.count, "zipf_exponent": cfg.pool_zipf_exponent},
+        },
     )
     out = resolve(cfg.output_uri, config.storage)
     write_bytes_atomic(out.join(HIERARCHY_FILE), hierarchy.to_bytes())

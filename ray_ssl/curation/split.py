@@ -8,7 +8,8 @@ min(100, size) clusters inside each of them); k-means++ seeding of 10M centres d
 every block cuts its rows into buckets of clusters, one task per bucket runs the small k-means of
 its clusters, and the driver only renumbers. Empty sub-clusters are dropped, as in the reference.
 Each cluster's k-means draws from its own stream (seed, cluster), so the result does not depend on
-how the clusters were bucketed.
+how the clusters were bucketed. Each cluster keeps the best (lowest inertia) of ``n_init`` k-means
+runs, as the reference's ``kmeans_gpu.kmeans`` (``num_init=10``) that ``split_clusters.py`` calls.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from __future__ import annotations
 import numpy as np
 
 from ray_ssl.curation.blocks import LocalExecutor, PointSet
-from ray_ssl.curation.hkmeans import SEED_BOUND, Assignment, KMeansResult, kmeans
+from ray_ssl.curation.hkmeans import (
+    DEFAULT_INIT,
+    SEED_BOUND,
+    Assignment,
+    InitSpec,
+    KMeansResult,
+    kmeans,
+)
 
 Bucket = tuple[np.ndarray, np.ndarray, np.ndarray]  # global ids, cluster labels, rows
 
@@ -34,8 +42,17 @@ def _bucket_block(
     return parts if n_buckets > 1 else parts[0]
 
 
+def best_of(
+    points: PointSet, k: int, rng: np.random.Generator, iterations: int, init: InitSpec, n_init: int
+) -> KMeansResult:
+    """The lowest-inertia result of ``n_init`` k-means runs drawn one after another from ``rng``
+    (the first on a tie)."""
+    runs = [kmeans(points, k, rng, iterations, init) for _ in range(n_init)]
+    return min(runs, key=lambda run: run.assignment.inertia)
+
+
 def _split_bucket(
-    seed: int, n_splits: int, iterations: int, *parts: Bucket
+    seed: int, n_splits: int, iterations: int, init: InitSpec, n_init: int, *parts: Bucket
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """k-means with min(n_splits, size) clusters inside every cluster of this bucket.
 
@@ -51,7 +68,8 @@ def _split_bucket(
         members = members[np.argsort(ids[members])]  # global order, whatever the bucketing
         rng = np.random.default_rng([seed, int(cluster)])
         k = min(n_splits, len(members))
-        result = kmeans(PointSet.from_array(rows[members], LocalExecutor()), k, rng, iterations)
+        points = PointSet.from_array(rows[members], LocalExecutor())
+        result = best_of(points, k, rng, iterations, init, n_init)
         local_labels = np.concatenate(result.assignment.labels)
         kept = np.flatnonzero(result.assignment.counts > 0)
         renumber = np.full(k, -1, np.int64)
@@ -77,9 +95,12 @@ def split_clusters(
     n_splits: int,
     rng: np.random.Generator,
     iterations: int,
+    init: InitSpec = DEFAULT_INIT,
+    n_init: int = 1,
 ) -> KMeansResult:
-    """Replace every cluster of ``result`` by the non-empty clusters of a k-means with
-    min(n_splits, size) clusters on its points; clusters are numbered cluster by cluster."""
+    """Replace every cluster of ``result`` by the non-empty clusters of the best of ``n_init``
+    k-means runs with min(n_splits, size) clusters on its points; clusters are numbered cluster
+    by cluster."""
     ex = points.executor
     seed = int(rng.integers(SEED_BOUND))
     n_buckets = len(points.blocks)
@@ -93,7 +114,9 @@ def split_clusters(
     per_bucket = [
         [c[b] for c in cut] if n_buckets > 1 else [c for c in cut] for b in range(n_buckets)
     ]
-    outs = ex.get(ex.map(_split_bucket, [(seed, n_splits, iterations, *p) for p in per_bucket]))
+    outs = ex.get(
+        ex.map(_split_bucket, [(seed, n_splits, iterations, init, n_init, *p) for p in per_bucket])
+    )
     ids, labels, subs, sqdist, parents, centroids = (
         np.concatenate([o[i] for o in outs]) for i in range(6)
     )

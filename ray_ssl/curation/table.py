@@ -26,6 +26,15 @@ class EmbeddingTable:
     idx: np.ndarray
     labels: np.ndarray
 
+    def subset(self, rows: np.ndarray) -> EmbeddingTable:
+        """The rows with sorted global indices ``rows`` (their blocks stay where they are)."""
+        bounds = np.r_[self.points.offsets, self.points.n]
+        cuts = np.searchsorted(rows, bounds)
+        local = [rows[cuts[i] : cuts[i + 1]] - bounds[i] for i in range(len(self.points.blocks))]
+        return EmbeddingTable(
+            self.points.subset(local), self.keys[rows], self.idx[rows], self.labels[rows]
+        )
+
 
 def _load_group(uris: list[str], storage: StorageConfig) -> tuple[np.ndarray | None, dict]:
     """One block from consecutive Parquet files; ``None`` (and the dims) when they disagree."""
