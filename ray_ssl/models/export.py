@@ -19,6 +19,7 @@ from ray_ssl.storage import Location, read_bytes, resolve
 if TYPE_CHECKING:
     from torch import nn
 
+EXPORT_DIR = "export"  # a run's export directory: <run>/export
 EXPORT_WEIGHTS = "teacher_backbone.safetensors"
 EXPORT_META = "teacher_backbone.json"
 WEIGHTS_SUFFIX = ".safetensors"
