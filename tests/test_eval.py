@@ -247,3 +247,35 @@ def test_eval_leaves_out_unlabelled_samples_and_counts_them(ray_local, tmp_path,
     assert outcome.report["samples"] == {"train": 320, "test": 96, "train_unlabelled_excluded": 80,
                                          "test_unlabelled_excluded": 24}  # fmt: skip
     assert outcome.pca_uri is None and (tmp_path / "out" / "eval.json").is_file()
+
+
+def _has_rasa_loader() -> bool:
+    try:
+        from ray_ssl.eval.rasa import load_rasa_basis  # noqa: F401  (issue 12.3, merged apart)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_rasa_loader(), reason="ray_ssl.eval.rasa.load_rasa_basis not merged")
+def test_eval_removes_a_rasa_basis_file_from_patch_tokens_only(ray_local, tmp_path, digits_shards):
+    from safetensors.torch import save_file
+
+    from ray_ssl.data.stream import load_labelled_arrays
+    from ray_ssl.eval.suite import run_eval
+
+    weights = _write_tiny_export(tmp_path / "export")
+    basis = tmp_path / "rasa.safetensors"
+    save_file({"basis": torch.eye(192)}, str(basis))  # removes every direction
+    config = load_config("local", [*SMALL_EVAL, "eval.pca_images=0", "eval.linear_epochs=1"])
+    outcome = run_eval(config, str(weights), *digits_shards, load_labelled_arrays, str(basis))
+    assert outcome.report["rasa_basis"] == str(basis)
+    images, labels, _ = load_labelled_arrays(digits_shards[0], STORAGE, 400, 16)
+    queries, query_labels, _ = load_labelled_arrays(digits_shards[1], STORAGE, 120, 16)
+    vit, cpu = _tiny_vit(), torch.device("cpu")
+    plain = weighted_knn_accuracies(
+        extract_features(vit, images, 128, cpu, normalize_images).cls, torch.from_numpy(labels),
+        extract_features(vit, queries, 128, cpu, normalize_images).cls,
+        torch.from_numpy(query_labels), 10, DINO_KS, T,
+    )  # fmt: skip
+    assert outcome.report["knn"]["top1"] == {str(k): v for k, v in plain.items()}  # CLS untouched
