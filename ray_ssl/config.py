@@ -84,7 +84,7 @@ class ViewConfig:
     solarize_p: float = 0.2  # second global crop only (DINO)
     mask: Literal["none", "block", "inverse_block", "cyclic"] = "none"
     mask_ratio: tuple[float, float] = (0.1, 0.65)  # Franca sec. 4: ratios in [0.1, 0.65]
-    mask_sample_p: float = 0.5  # fraction of the batch that is masked
+    mask_sample_p: float = 0.5  # exactly int(p x global crops of a batch) are masked (Franca)
     patch_size: int = 14
     channels: int = 3
 
