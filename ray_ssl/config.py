@@ -181,7 +181,7 @@ class EvalConfig:
     linear_lrs: tuple[float, ...] = (
         1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1
     )  # fmt: skip
-    linear_epochs: int = 20
+    linear_epochs: int = 100  # ~3.6k SGD steps on 9k rows (DINOv2: 12.5k on ImageNet)
     linear_batch_size: int = 256
     linear_holdout: float = 0.1  # fraction of the training split that picks the best head
     linear_workers: int = 1  # Ray Train workers of the probe

@@ -87,14 +87,15 @@ def test_extract_features_removes_the_basis_from_patch_tokens_only():
     images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
     q = torch.linalg.qr(torch.randn(192, 4)).Q.T
     cpu = torch.device("cpu")
-    plain = extract_features(vit, images, 2, cpu, normalize_images, patch_tokens=True)
-    removed = extract_features(vit, images, 2, cpu, normalize_images, True, rasa_basis=q)
+    plain = extract_features(vit, images, 2, cpu, normalize_images, True, patch_mean=True)
+    removed = extract_features(vit, images, 2, cpu, normalize_images, True, q, patch_mean=True)
     assert plain.cls.shape == (5, 192) and plain.patches.shape == (5, 16, 192)
     assert torch.equal(plain.cls, removed.cls)  # CLS untouched
     torch.testing.assert_close(removed.patches, remove_subspace(plain.patches, q))
     torch.testing.assert_close(removed.patch_mean, removed.patches.mean(dim=1))
     streamed = extract_features(vit, (images[:3], images[3:]), 64, cpu, normalize_images)
     torch.testing.assert_close(streamed.cls, plain.cls)
+    assert streamed.patch_mean is None and streamed.patches is None  # CLS only, as asked
 
 
 def test_holdout_split_and_best_head_selection():

@@ -54,14 +54,16 @@ def cls_features(output: object) -> torch.Tensor:
 
 
 def backbone_tokens(
-    backbone: nn.Module, x: torch.Tensor
+    backbone: nn.Module, x: torch.Tensor, patches: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(CLS [B, D], patch tokens [B, Np, D] or None) of preprocessed images ``x``.
 
-    A module that returns a tuple from its forward (our ViT) is called as a whole, which ZeRO-3
-    needs to gather its parameters; a timm model goes through ``forward_features``.
+    The module is called as a whole (ZeRO-3 gathers a module's own parameters around its
+    forward) unless patch tokens are wanted from a timm model, which then goes through
+    ``forward_features``; our ViT's forward returns both.
     """
-    if hasattr(backbone, "timm_name_and_kwargs") or not hasattr(backbone, "forward_features"):
+    whole = hasattr(backbone, "timm_name_and_kwargs") or not hasattr(backbone, "forward_features")
+    if whole or not patches:
         output = backbone(x)
         if isinstance(output, tuple) and len(output) == 2:
             return output[0], output[1]
@@ -91,13 +93,16 @@ def extract_features(
     preprocess: Preprocess,
     patch_tokens: bool = False,
     rasa_basis: torch.Tensor | None = None,
+    patch_mean: bool = False,
 ) -> Features:
     """Features of uint8 images [N, H, W, C] (or of an iterable of such batches, e.g. a stream),
     in the backbone's dtype, returned as float32 on the CPU.
 
-    ``rasa_basis`` (Q, [2T, D], orthonormal rows) is removed from the patch tokens only, before
-    their mean is taken; the CLS token is left untouched (RASA).
+    ``patch_mean`` / ``patch_tokens`` ask for the mean patch token / all of them. ``rasa_basis``
+    (Q, [2T, D], orthonormal rows) is removed from the patch tokens only, before their mean is
+    taken; the CLS token is left untouched (RASA).
     """
+    want_patches = patch_tokens or patch_mean
     param = next(backbone.parameters())
     was_training = backbone.training
     backbone.eval()
@@ -106,12 +111,12 @@ def extract_features(
         for chunk in _batches(images, batch_size):
             host = torch.from_numpy(np.ascontiguousarray(chunk))
             x = preprocess(host.to(device).permute(0, 3, 1, 2)).to(param.dtype)
-            c, p = backbone_tokens(backbone, x)
+            c, p = backbone_tokens(backbone, x, want_patches)
             cls.append(c.float().cpu())
-            if p is None:
-                if patch_tokens or rasa_basis is not None:
-                    raise ValueError(f"{type(backbone).__name__} gives no patch tokens")
+            if not want_patches:
                 continue
+            if p is None:
+                raise ValueError(f"{type(backbone).__name__} gives no patch tokens")
             p = p.float()
             if rasa_basis is not None:
                 p = remove_subspace(p, rasa_basis)

@@ -46,7 +46,7 @@ class ProbeSettings:
     """What the probe sweeps and how long it trains."""
 
     lrs: tuple[float, ...] = DINOV2_LRS
-    epochs: int = 20
+    epochs: int = 100
     batch_size: int = 256
     holdout_fraction: float = 0.1
     num_workers: int = 1

@@ -178,7 +178,7 @@ def run_eval(
 
     def features(images: np.ndarray, patch_tokens: bool = False) -> Any:
         return extract_features(
-            model, images, e.feature_batch_size, device, preprocess, patch_tokens, basis
+            model, images, e.feature_batch_size, device, preprocess, patch_tokens, basis, True
         )
 
     train = features(train_images[train_keep])
