@@ -98,6 +98,18 @@ def test_extract_features_removes_the_basis_from_patch_tokens_only():
     assert streamed.patch_mean is None and streamed.patches is None  # CLS only, as asked
 
 
+def test_extract_features_of_a_module_that_returns_embeddings():
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 8))
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    features = extract_features(flat, images, 2, cpu, normalize_images)
+    with torch.no_grad():
+        expected = flat(normalize_images(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    torch.testing.assert_close(features.cls, expected)
+    with pytest.raises(ValueError, match="gives no patch tokens"):
+        extract_features(flat, images, 2, cpu, normalize_images, patch_mean=True)
+
+
 def test_holdout_split_and_best_head_selection():
     fit, held = holdout_split(100, 0.1, seed=0)
     assert len(held) == 10 and len(fit) == 90 and not set(fit) & set(held)
