@@ -35,7 +35,10 @@ class Features(NamedTuple):
 
 def remove_subspace(tokens: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``z - (z Q^T) Q`` on the last dim of ``tokens`` for a basis Q [k, D] with orthonormal rows
-    (RASA, Franca arXiv 2507.14137 sec. 3.3: the projection onto Q's span removed)."""
+    (RASA, Franca arXiv 2507.14137 sec. 3.3: the projection onto Q's span removed). An empty
+    basis removes nothing."""
+    if basis.numel() == 0:
+        return tokens
     if basis.ndim != 2 or basis.shape[1] != tokens.shape[-1]:
         raise ValueError(
             f"basis of shape {tuple(basis.shape)} does not fit tokens of width {tokens.shape[-1]}"
