@@ -20,6 +20,7 @@ issue's figure. Usage: ``python benchmarks/data_throughput.py [--quick] [--worke
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import tempfile
 import time
@@ -156,12 +157,19 @@ class _DecodeViews:
         return {k: v[0] for k, v in build_views_batch(raw, self.views).items()}
 
 
-def _collate(samples: list[dict]) -> dict:
+def _collate(samples: list[dict], views: ViewConfig) -> dict:
     from ray_ssl.data.stream import to_batch_contract
+    from ray_ssl.data.views import mask_generator
 
     batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
     batch.pop("corrupt")
-    return to_batch_contract(batch, torch.device("cpu"))
+    out = to_batch_contract(batch, torch.device("cpu"))
+    masks = mask_generator(views)
+    if masks is not None:  # drawn per batch, as ours
+        out["masks"] = torch.from_numpy(
+            masks.for_batch(len(out["global_crops"]), batch["mask_seed"])
+        )
+    return out
 
 
 def dataloader_pipeline(uri: str, manifest: Manifest, views: ViewConfig, workers: int) -> Epochs:
@@ -173,7 +181,7 @@ def dataloader_pipeline(uri: str, manifest: Manifest, views: ViewConfig, workers
         dataset,
         batch_size=BATCH,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=functools.partial(_collate, views=views),
         drop_last=False,  # every image of the epoch is delivered and counted, as in ours
         persistent_workers=True,
     )

@@ -20,6 +20,25 @@ log = logging.getLogger("ray_ssl")
 EXIT_BAD_INPUT = 2
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order, so that overrides may follow the options
+    (``ray-ssl eval EXPORT --data URI key=value``); plain argparse ends a subcommand's positionals
+    at its first option."""
+
+    _parsing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._parsing:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "local") -> None:
     parser.add_argument("--preset", default=default_preset, help="preset name or YAML path")
     parser.add_argument(
@@ -73,6 +92,32 @@ def _cmd_rasa(args: argparse.Namespace) -> None:
     if knn is not None:
         print(f"kNN top-1 (mean patch token) {knn['before']:.4f} -> {knn['after']:.4f}")
     print(f"wrote {outcome.basis_uri} and {outcome.report_uri}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from ray_ssl.data.shards import read_manifest
+    from ray_ssl.eval.suite import check_inputs, eval_output_uri
+
+    config = load_config(args.preset, args.overrides)
+    check_inputs(args.export, args.rasa, config)
+    for uri in (args.data, args.eval_data):
+        read_manifest(uri, config.storage)
+    print(f"evaluating {args.export}; results go to {eval_output_uri(args.export, config)}")
+
+    from ray_ssl.data.stream import load_labelled_arrays
+    from ray_ssl.eval.suite import run_eval
+
+    outcome = run_eval(
+        config, args.export, args.data, args.eval_data, load_labelled_arrays, args.rasa
+    )
+    knn = outcome.report["knn"]["top1"]
+    linear = outcome.report["linear"]
+    print("weighted kNN top-1: " + ", ".join(f"k={k} {v:.4f}" for k, v in knn.items()))
+    print(
+        f"linear probe top-1: {linear['test_top1']:.4f} ({linear['best_head']}, "
+        f"held-out {linear['holdout_top1']:.4f})"
+    )
+    print(f"wrote {outcome.report_uri}" + (f" and {outcome.pca_uri}" if outcome.pca_uri else ""))
 
 
 def _cmd_curate(args: argparse.Namespace) -> None:
@@ -140,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(rasa)
     rasa.set_defaults(func=_cmd_rasa)
+
+    evaluate = sub.add_parser(
+        "eval", help="kNN, linear probe (Ray Train) and PCA pictures of an exported backbone"
+    )
+    evaluate.__class__ = _IntermixedParser
+    evaluate.add_argument(
+        "export", help="exported backbone: a .safetensors file (JSON sidecar beside it) or its dir"
+    )
+    evaluate.add_argument("--data", required=True, help="labelled training shards (URI)")
+    evaluate.add_argument("--eval-data", required=True, help="labelled test shards (URI)")
+    evaluate.add_argument("--rasa", default=None, help="RASA basis (.safetensors) to remove")
+    _add_config_args(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
 
     curate = sub.add_parser("curate", help="hierarchical k-means curation of a shard set")
     _add_config_args(curate, default_preset="curate_local")

@@ -84,7 +84,7 @@ class ViewConfig:
     solarize_p: float = 0.2  # second global crop only (DINO)
     mask: Literal["none", "block", "inverse_block", "cyclic"] = "none"
     mask_ratio: tuple[float, float] = (0.1, 0.65)  # Franca sec. 4: ratios in [0.1, 0.65]
-    mask_sample_p: float = 0.5  # fraction of the batch that is masked
+    mask_sample_p: float = 0.5  # exactly int(p x global crops of a batch) are masked (Franca)
     patch_size: int = 14
     channels: int = 3
 
@@ -175,6 +175,18 @@ class EvalConfig:
     knn_max_train: int = 10000  # labelled samples used as the kNN memory
     knn_max_test: int = 2000  # held-out queries from data.eval_uri
     feature_batch_size: int = 256  # images per backbone forward when extracting features
+    # `ray-ssl eval EXPORT`: knn_max_train / knn_max_test samples of --data / --eval-data.
+    knn_ks: tuple[int, ...] = (10, 20, 100, 200)  # DINO/DINOv2 eval_knn
+    # DINOv2's linear sweep (eval/linear.py), each scaled by batch x workers / 256
+    linear_lrs: tuple[float, ...] = (
+        1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1
+    )  # fmt: skip
+    linear_epochs: int = 100  # ~3.6k SGD steps on 9k rows (DINOv2: 12.5k on ImageNet)
+    linear_batch_size: int = 256
+    linear_holdout: float = 0.1  # fraction of the training split that picks the best head
+    linear_workers: int = 1  # Ray Train workers of the probe
+    pca_images: int = 8  # test images in the PCA picture grid
+    output_uri: str | None = None  # None: <run>/eval for a run's export, else beside the export
 
 
 @dataclass

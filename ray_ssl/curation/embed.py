@@ -30,6 +30,7 @@ from ray_ssl.curation.errors import CurationError
 from ray_ssl.data.datasource import read_shard_rows
 from ray_ssl.data.decode import decode_rows
 from ray_ssl.data.shards import Manifest, ShardInfo
+from ray_ssl.models.export import WEIGHTS_SUFFIX, load_exported_backbone
 from ray_ssl.models.vit import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from ray_ssl.storage import (
     atomic_write,
@@ -42,7 +43,6 @@ from ray_ssl.storage import (
 log = logging.getLogger(__name__)
 
 PIXELS = "pixels"
-EXPORT_SUFFIX = ".safetensors"
 META_NAME = "embeddings.json"
 UINT8_MAX = 255.0
 
@@ -73,8 +73,8 @@ class Backbone:
             return
         import timm
 
-        if spec.backbone.endswith(EXPORT_SUFFIX):
-            model = _load_export(spec.backbone, storage)
+        if spec.backbone.endswith(WEIGHTS_SUFFIX):
+            model = load_exported_backbone(spec.backbone, storage)
         else:
             try:
                 model = timm.create_model(
@@ -88,7 +88,7 @@ class Backbone:
         self.model = model.eval().to(self.device)
         self.in_chans, self.input_size = _input_shape(self.model)
         self.dim = int(self.model.num_features)
-        if spec.backbone.endswith(EXPORT_SUFFIX):  # as ray_ssl.models.vit.normalize_images
+        if spec.backbone.endswith(WEIGHTS_SUFFIX):  # as ray_ssl.models.vit.normalize_images
             mean, std = (
                 (GRAY_MEAN, GRAY_STD) if self.in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
             )
@@ -137,25 +137,6 @@ def _input_shape(model: torch.nn.Module) -> tuple[int, int]:
         side = int(img_size[0])
     conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     return (int(conv.in_channels) if conv is not None else 3), side
-
-
-def _load_export(uri: str, storage: StorageConfig) -> torch.nn.Module:
-    """``timm.create_model`` from the JSON sidecar of ``<file>.safetensors``, weights loaded."""
-    import timm
-    from safetensors.torch import load
-
-    weights = resolve(uri, storage)
-    sidecar = resolve(uri[: -len(EXPORT_SUFFIX)] + ".json", storage)
-    try:
-        meta = json.loads(read_bytes(sidecar))
-        model = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"])
-        model.load_state_dict(load(read_bytes(weights)))
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
-        raise CurationError(
-            f"cannot load the exported backbone {uri} with its sidecar {sidecar.uri} ({err}); "
-            "pass the .safetensors file written by a ray-ssl training run"
-        ) from err
-    return model
 
 
 def _images(decoded: dict[str, np.ndarray], size: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from ray_ssl.data.decode import build_views_batch, decode_rows
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.shards import Manifest, iter_shard, read_manifest
 from ray_ssl.data.tario import TarSample, TruncatedShardError
-from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image
+from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image, mask_generator
 from ray_ssl.storage import Location, pin_endpoint, resolve
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
         self.max_corrupt_fraction = max_corrupt_fraction
         self.drop_last, self.prefetch_batches = drop_last, prefetch_batches
         self.stats = DataStats()
+        self.masks = mask_generator(views)
         self._batches = self._generate()
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -202,10 +203,10 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
             batch["global_crops"].shape[1],
             batch["local_crops"].shape[1] if "local_crops" in batch else 0,
         )
-        if got != (n_global, n_local) or ("masks" in batch) != (self.views.mask != "none"):
+        if got != (n_global, n_local) or ("mask_seed" in batch) != (self.views.mask != "none"):
             raise ValueError(
                 f"dataset rows have {got[0]} global / {got[1]} local crops (masks: "
-                f"{'masks' in batch}) but the view spec asks for {n_global} / {n_local} "
+                f"{'mask_seed' in batch}) but the view spec asks for {n_global} / {n_local} "
                 f"(mask: {self.views.mask}); build the dataset with the method's view spec"
             )
 
@@ -242,11 +243,21 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
                 batch, pending = _split_rows(pending, self.batch_size)
                 pending_rows -= self.batch_size
                 self.stats.seen += self.batch_size
-                yield to_batch_contract(batch, self.device)
+                yield self._contract(batch)
         self._check_corrupt_rate(final=True)
         if pending_rows and not self.drop_last:
             self.stats.seen += pending_rows
-            yield to_batch_contract(pending, self.device)
+            yield self._contract(pending)
+
+    def _contract(self, rows: list[Rows]) -> dict[str, torch.Tensor]:
+        """The batch contract of ``rows`` plus the batch's masks, drawn together (Franca's
+        collate) from a generator seeded by the batch's per-sample mask seeds."""
+        out = to_batch_contract(rows, self.device)
+        if self.masks is not None:
+            seeds = np.concatenate([part["mask_seed"] for part in rows])
+            masks = self.masks.for_batch(len(out["global_crops"]), seeds)
+            out["masks"] = torch.from_numpy(masks).to(self.device)
+        return out
 
 
 def _crop_major(pieces: list[np.ndarray], device: torch.device) -> torch.Tensor:

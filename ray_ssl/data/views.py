@@ -6,6 +6,10 @@ tasks that build views need not import it. Crop-specific probabilities follow DI
 Gaussian blur p=blur_p[0] on global crop 1 and blur_p[1] on the others, solarize only on global
 crop 2, local crops blur with local_blur_p and never solarize. ``pair`` is two global crops with
 no locals (BYOL/VICReg-style asymmetric blur/solarize), ``single`` one global crop.
+
+Masks are a batch-level draw (:class:`ray_ssl.data.masking.MaskGenerator`, made where the batch
+is assembled); a sample only carries ``mask_seed``, drawn from its own generator, so that the
+batch's masks are fixed by its samples' seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ray_ssl.data.augment import CropRecipe, augment_crop
 from ray_ssl.data.masking import MaskGenerator
 
 SOLARIZED_GLOBAL_CROP = 1  # DINO: solarize only the second global crop
+MASK_SEED_BITS = 63  # mask seeds stay non-negative int64 in Arrow
 
 
 class CorruptImageError(ValueError):
@@ -38,6 +43,14 @@ def crop_counts(views: ViewConfig) -> tuple[int, int]:
 
 def num_patches(views: ViewConfig) -> int:
     return (views.global_size // views.patch_size) ** 2
+
+
+def mask_generator(views: ViewConfig) -> MaskGenerator | None:
+    """The batch-level mask generator of the global crops, or None when nothing is masked."""
+    if views.mask == "none":
+        return None
+    grid = views.global_size // views.patch_size
+    return MaskGenerator(views.mask, grid, views.mask_ratio, views.mask_sample_p)
 
 
 def crop_recipes(views: ViewConfig) -> tuple[list[CropRecipe], list[CropRecipe]]:
@@ -82,27 +95,22 @@ def decode_image(data: bytes, channels: int) -> Image.Image:
 
 
 class ViewBuilder:
-    """Builds one sample's crops (and masks of its global crops) from a decoded image."""
+    """Builds one sample's crops (and the seed of its share of the batch's masks)."""
 
     def __init__(self, views: ViewConfig):
         self.views = views
         self.global_recipes, self.local_recipes = crop_recipes(views)
-        grid = views.global_size // views.patch_size
-        self.masks = (
-            None
-            if views.mask == "none"
-            else MaskGenerator(views.mask, grid, views.mask_ratio, views.mask_sample_p)
-        )
+        self.masked = views.mask != "none"
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``global_crops`` [G,H,W,C], ``local_crops`` [L,h,w,C] if any, ``masks`` [G,Np] if any."""
+        """``global_crops`` [G,H,W,C], ``local_crops`` [L,h,w,C] if any, ``mask_seed`` if masked."""
         mode = "L" if self.views.channels == 1 else "RGB"
         image = image if image.mode == mode else image.convert(mode)
         out = {"global_crops": np.stack([augment_crop(image, r, rng) for r in self.global_recipes])}
         if self.local_recipes:
             out["local_crops"] = np.stack([augment_crop(image, r, rng) for r in self.local_recipes])
-        if self.masks is not None:
-            out["masks"] = np.stack([self.masks(rng) for _ in self.global_recipes])
+        if self.masked:
+            out["mask_seed"] = np.asarray(rng.integers(0, 1 << MASK_SEED_BITS), np.int64)
         return out
 
     def empty(self) -> dict[str, np.ndarray]:
@@ -112,6 +120,6 @@ class ViewBuilder:
         out = {"global_crops": np.zeros((n_global, g, g, c), np.uint8)}
         if self.local_recipes:
             out["local_crops"] = np.zeros((len(self.local_recipes), loc, loc, c), np.uint8)
-        if self.masks is not None:
-            out["masks"] = np.zeros((n_global, self.masks.num_patches), bool)
+        if self.masked:
+            out["mask_seed"] = np.asarray(0, np.int64)
         return out

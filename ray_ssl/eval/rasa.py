@@ -25,6 +25,7 @@ from torch import nn
 
 from ray_ssl.config import RasaConfig, StorageConfig
 from ray_ssl.eval.errors import RasaError
+from ray_ssl.eval.features import remove_subspace
 from ray_ssl.storage import read_bytes, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ def orthonormalize(vectors: torch.Tensor) -> torch.Tensor:
     if diagonal.numel() and diagonal.min() < DEGENERATE_NORM * diagonal.max():
         log.warning("a RASA direction lies (almost) in the span of the earlier ones")
     return q.T.to(vectors.dtype)
-
-
-def remove_subspace(tokens: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``z - (z Q^T) Q`` on the last dim of ``tokens`` for an orthonormal ``basis`` Q [k, D]."""
-    if basis.numel() == 0:
-        return tokens
-    q = basis.to(device=tokens.device, dtype=tokens.dtype)
-    return tokens - (tokens @ q.T) @ q
 
 
 def apply_rasa(

@@ -155,7 +155,7 @@ class InstDiscDriver(MethodDriver):
         network, device = embedding_network(method), torch.device("cpu")
         test = extract_features(
             network, test_images, e.feature_batch_size, device, normalize_images
-        )
+        ).cls
         test_labels_t = torch.from_numpy(test_labels)
         predicted = knn_predict_from_bank(
             self.bank, row_labels, test, num_classes, inst.knn_k, inst.knn_sigma
@@ -163,7 +163,7 @@ class InstDiscDriver(MethodDriver):
         subset = slice(0, e.knn_max_train)
         train = extract_features(
             network, train_images[subset], e.feature_batch_size, device, normalize_images
-        )
+        ).cls
         recomputed = weighted_knn_accuracy(
             train,
             torch.from_numpy(train_labels[subset]),

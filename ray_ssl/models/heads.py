@@ -2,9 +2,10 @@
 
 DINO head (Caron et al., arXiv 2104.14294 sec. 3.1; DINOv2 arXiv 2304.07193): an MLP with GELU
 down to a bottleneck, L2 normalisation, then a weight-normalised linear layer whose rows are the
-prototypes. Matryoshka heads (Franca, arXiv 2507.14137, nested Matryoshka clustering; its released
-MRLDINOHead): level i reads the first d_i features of the backbone output, d_i in
-[D/16, D/8, D/4, D/2, D], with its own MLP and ``prototypes * d_i / D`` prototypes.
+prototypes. Matryoshka heads (Franca, arXiv 2507.14137, nested Matryoshka clustering): level i
+reads the first d_i features of the backbone output, d_i in [D/16, D/8, D/4, D/2, D], with its
+own MLP and ``prototypes * d_i / D`` prototypes (the counts of the released MRLDINOHead; how its
+levels read the embedding differs, see :class:`MatryoshkaHeads`).
 
 Weight norm: :class:`Prototypes` holds one ordinary weight and L2-normalises its rows inside
 ``forward`` (``weight_norm`` with the gain fixed at 1, DINO's ``norm_last_layer``; DINOv2 leaves
@@ -97,8 +98,10 @@ class DINOHead(nn.Module):
 class MatryoshkaHeads(nn.Module):
     """One :class:`DINOHead` per nesting level; level i sees exactly the first ``dims[i]`` features.
 
-    Franca's released code puts a square Linear before each level's MLP; composed with the MLP's
-    first Linear (no nonlinearity between) it is a reparametrisation of it, so it is left out.
+    This follows the paper (arXiv 2507.14137 sec. 3): a level reads a prefix of the embedding.
+    Franca's released MRLDINOHead differs: each level first maps the FULL D-wide embedding with
+    its own ``Linear(D -> d_i)`` (``matryoshka_projections``) and feeds that to its MLP, so every
+    level sees all D features through a learned rank-d_i map rather than a nested prefix.
     """
 
     def __init__(

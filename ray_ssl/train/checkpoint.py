@@ -24,6 +24,7 @@ from torch import nn
 
 from ray_ssl.config import Config, StorageConfig, to_dict
 from ray_ssl.errors import UserError
+from ray_ssl.models.export import EXPORT_META, EXPORT_WEIGHTS
 from ray_ssl.storage import resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
 COMPLETE_DIR = "complete"
-EXPORT_WEIGHTS = "teacher_backbone.safetensors"
-EXPORT_META = "teacher_backbone.json"
 
 
 class CheckpointError(UserError, ValueError):

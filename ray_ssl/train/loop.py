@@ -21,6 +21,7 @@ import torch
 
 from ray_ssl.config import Config, config_from_dict
 from ray_ssl.methods.registry import build_method
+from ray_ssl.models.export import EXPORT_DIR
 from ray_ssl.train.batches import PassStream
 from ray_ssl.train.checkpoint import (
     TrainState,
@@ -34,7 +35,6 @@ from ray_ssl.train.schedules import TrainSchedules
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIR = "export"
 KNN_METRIC = "knn_top1"
 
 

@@ -56,7 +56,9 @@ class KnnEvaluator:
         self, backbone: nn.Module, images: np.ndarray, device: torch.device
     ) -> torch.Tensor:
         rows = rank_slice(len(images), self.rank, self.world_size)
-        local = extract_features(backbone, images[rows], self.batch_size, device, normalize_images)
+        local = extract_features(
+            backbone, images[rows], self.batch_size, device, normalize_images
+        ).cls
         if self.world_size == 1:
             return local
         local = local.to(device)
