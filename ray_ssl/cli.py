@@ -145,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def looks_like_override(token: str) -> bool:
+    """``section.key=value`` (a dotted key, no leading dash)."""
+    key, eq, _ = token.partition("=")
+    return bool(eq) and not token.startswith("-") and "." in key
+
+
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse ``argv``, accepting ``key.sub=value`` overrides anywhere among the options.
+
+    argparse fills a ``nargs="*"`` positional from one run of positional tokens only, so an
+    override after an option (``shards write --out X key=value``) would be "unrecognized"; such
+    leftovers are appended to ``overrides`` in order and anything else is still an error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if not looks_like_override(token)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
+
+
 def run_with_errors(func: Callable[[], None]) -> None:
     """Run ``func``; a known input error becomes one line on stderr and exit code 2."""
     try:
@@ -172,13 +196,13 @@ def job_main(
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--preset", default=default_preset, help=preset_help)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     _configure_logging()
     run_with_errors(lambda: run(args.preset, args.overrides))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     _configure_logging(args.verbose)
     run_with_errors(lambda: args.func(args))
 

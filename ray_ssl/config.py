@@ -431,6 +431,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where (1-based line, column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"train.num_workers=2"`` -> ``{"train": {"num_workers": 2}}`` (value parsed as YAML)."""
     if "=" not in text:
@@ -439,7 +447,13 @@ def parse_override(text: str) -> dict[str, Any]:
     keys = [k for k in dotted.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override '{text}' has no key before '='")
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override '{text}': the value is not valid YAML ({_yaml_problem(err)}); quote it "
+            "or fix the brackets, e.g. views.global_scale=[0.4,1.0]"
+        ) from None
     for key in reversed(keys):
         value = {key: value}
     return value
@@ -459,7 +473,12 @@ def load_preset(name: str) -> dict[str, Any]:
             f"unknown preset '{name}'; choose one of {', '.join(available_presets())} "
             "or pass a path to a YAML file"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"preset file {path} is not valid YAML: {_yaml_problem(err)}; fix the file"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{name}' must be a YAML mapping of sections")
     return data
