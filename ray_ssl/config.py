@@ -45,8 +45,10 @@ class StorageConfig:
 
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, else AWS
     region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
-    connect_retries: int = 3  # bounded retries before an unreachable endpoint is an error
+    connect_retries: int = 3  # attempts per S3 request (botocore) before it is an error
     connect_timeout_s: float = 5.0
+    # Wall-clock limit of one S3 request, its retries included; also bounds one stalled read.
+    request_deadline_s: float = 120.0
 
 
 @dataclass
@@ -565,6 +567,11 @@ def validate(config: Config) -> None:
     _require(
         d.prefetch_batches >= 0,
         f"data.prefetch_batches={d.prefetch_batches} must be >= 0 (0 reads no block ahead)",
+    )
+    _require(
+        config.storage.request_deadline_s > 0 and config.storage.connect_retries >= 1,
+        f"storage.request_deadline_s={config.storage.request_deadline_s} must be > 0 and "
+        f"storage.connect_retries={config.storage.connect_retries} >= 1",
     )
     _require(
         0.0 <= d.max_corrupt_fraction <= 1.0,
