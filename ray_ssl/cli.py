@@ -37,16 +37,19 @@ def _cmd_shards_write(args: argparse.Namespace) -> None:
     if args.samples_per_shard is not None:
         overrides.append(f"shards.samples_per_shard={args.samples_per_shard}")
     config = load_config(args.preset, overrides)
-    manifest = write_shard_set(config.shards, args.out, config.storage)
+    manifest = write_shard_set(config.shards, args.out, config.storage, args.overwrite)
     print(f"wrote {manifest.count} samples in {len(manifest.shards)} shards to {args.out}")
 
 
 def _cmd_shards_inspect(args: argparse.Namespace) -> None:
+    from ray_ssl.data.errors import ShardError
     from ray_ssl.data.shards import inspect_shard_set
 
     config = load_config(args.preset, args.overrides)
-    report = inspect_shard_set(args.uri, config.storage)
+    report = inspect_shard_set(args.uri, config.storage, strict=False, decode=not args.fast)
     print(report.summary())
+    if not report.ok:
+        raise ShardError(f"shard set {args.uri} is damaged: {report.one_line()}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -103,10 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output URI: path, file:// or s3://bucket/prefix"
     )
     write.add_argument("--samples-per-shard", type=int, default=None)
+    write.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a shard set already at --out (the old one stays valid until the new one is)",
+    )
     _add_config_args(write)
     write.set_defaults(func=_cmd_shards_write)
-    inspect = shards_sub.add_parser("inspect", help="print counts and verify every shard")
+    inspect = shards_sub.add_parser(
+        "inspect",
+        help="verify every shard and sample (counts, idx, labels, images); exit 2 when bad",
+    )
     inspect.add_argument("uri")
+    inspect.add_argument(
+        "--fast", action="store_true", help="skip decoding the images (fields and counts only)"
+    )
     _add_config_args(inspect)
     inspect.set_defaults(func=_cmd_shards_inspect)
 

@@ -100,7 +100,11 @@ class DataConfig:
     reader: Literal["blocks", "ray_webdataset"] = "blocks"
     batch_size: int = 64  # global batch, split evenly over train workers
     shuffle_seed: int = 0
-    max_corrupt_fraction: float = 0.01  # above this the run stops with an error
+    # A pass stops (CorruptDataError) once its corrupt samples exceed this fraction of the
+    # pass's size (the manifest's count): a count, never a running rate, since bad samples
+    # cluster by shard. Under the limit overall a run never stops; over it, as soon as the count
+    # is over (each worker on its own count, and the workers' counts summed at a pass's end).
+    max_corrupt_fraction: float = 0.01
     decode_concurrency: int | None = None  # Ray Data tasks/actors for decode+views; None = auto
     prefetch_batches: int = 2  # blocks each Train worker's iterator reads ahead of training
 
