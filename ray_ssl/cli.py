@@ -175,11 +175,12 @@ def parse_with_overrides(
     leftovers are appended to ``overrides`` in order and anything else is still an error.
     """
     args, extra = parser.parse_known_args(argv)
-    stray = [token for token in extra if not looks_like_override(token)]
+    takes_overrides = hasattr(args, "overrides")
+    stray = [t for t in extra if not (takes_overrides and looks_like_override(t))]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        args.overrides = [*getattr(args, "overrides", []), *extra]
+        args.overrides = [*args.overrides, *extra]
     return args
 
 
