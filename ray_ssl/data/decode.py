@@ -38,6 +38,7 @@ def _webdataset_to_raw(
     images = [p if p is not None else j for p, j in zip(column("png"), column("jpg"), strict=True)]
     idx, label = np.full(n, -1, np.int64), np.full(n, UNKNOWN_LABEL, np.int64)
     problem = np.full(n, "", dtype=object)
+    whole_set = (0, max((first + count for first, count in shard_ranges.values()), default=0))
     for i, (raw_idx, raw_cls, url) in enumerate(
         zip(column("idx"), column("cls"), column("__url__"), strict=True)
     ):
@@ -49,7 +50,7 @@ def _webdataset_to_raw(
             problem[i] = describe(shard, key, NO_IMAGE_OR_IDX, "no integer idx")
         if images[i] is None:
             problem[i] = describe(shard, key, NO_IMAGE_OR_IDX, "no image")
-        first, count = shard_ranges.get(shard, (0, 0))
+        first, count = shard_ranges.get(shard, whole_set)  # no __url__: the set's range
         if not problem[i] and not first <= idx[i] < first + count:
             detail = f"idx {idx[i]} outside {shard}'s {first}..{first + count - 1}"
             problem[i] = describe(shard, key, IDX_OUT_OF_RANGE, detail)
