@@ -51,7 +51,7 @@ def _webdataset_to_raw(
         if images[i] is None:
             problem[i] = describe(shard, key, NO_IMAGE_OR_IDX, "no image")
         first, count = shard_ranges.get(shard, whole_set)  # no __url__: the set's range
-        if not problem[i] and not first <= idx[i] < first + count:
+        if shard_ranges and not problem[i] and not first <= idx[i] < first + count:
             detail = f"idx {idx[i]} outside {shard}'s {first}..{first + count - 1}"
             problem[i] = describe(shard, key, IDX_OUT_OF_RANGE, detail)
         try:
