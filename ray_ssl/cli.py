@@ -56,16 +56,19 @@ def _cmd_shards_write(args: argparse.Namespace) -> None:
     if args.samples_per_shard is not None:
         overrides.append(f"shards.samples_per_shard={args.samples_per_shard}")
     config = load_config(args.preset, overrides)
-    manifest = write_shard_set(config.shards, args.out, config.storage)
+    manifest = write_shard_set(config.shards, args.out, config.storage, args.overwrite)
     print(f"wrote {manifest.count} samples in {len(manifest.shards)} shards to {args.out}")
 
 
 def _cmd_shards_inspect(args: argparse.Namespace) -> None:
+    from ray_ssl.data.errors import ShardError
     from ray_ssl.data.shards import inspect_shard_set
 
     config = load_config(args.preset, args.overrides)
-    report = inspect_shard_set(args.uri, config.storage)
+    report = inspect_shard_set(args.uri, config.storage, strict=False, decode=not args.fast)
     print(report.summary())
+    if not report.ok:
+        raise ShardError(f"shard set {args.uri} is damaged: {report.one_line()}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -155,10 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output URI: path, file:// or s3://bucket/prefix"
     )
     write.add_argument("--samples-per-shard", type=int, default=None)
+    write.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a shard set already at --out (the old one stays valid until the new one is)",
+    )
     _add_config_args(write)
     write.set_defaults(func=_cmd_shards_write)
-    inspect = shards_sub.add_parser("inspect", help="print counts and verify every shard")
+    inspect = shards_sub.add_parser(
+        "inspect",
+        help="verify every shard and sample (counts, idx, labels, images); exit 2 when bad",
+    )
     inspect.add_argument("uri")
+    inspect.add_argument(
+        "--fast", action="store_true", help="skip decoding the images (fields and counts only)"
+    )
     _add_config_args(inspect)
     inspect.set_defaults(func=_cmd_shards_inspect)
 
@@ -225,6 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def looks_like_override(token: str) -> bool:
+    """``section.key=value`` (a dotted key, no leading dash)."""
+    key, eq, _ = token.partition("=")
+    return bool(eq) and not token.startswith("-") and "." in key
+
+
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse ``argv``, accepting ``key.sub=value`` overrides anywhere among the options.
+
+    argparse fills a ``nargs="*"`` positional from one run of positional tokens only, so an
+    override after an option (``shards write --out X key=value``) would be "unrecognized"; such
+    leftovers are appended to ``overrides`` in order and anything else is still an error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    stray = [t for t in extra if not (takes_overrides and looks_like_override(t))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def run_with_errors(func: Callable[[], None]) -> None:
     """Run ``func``; a known input error becomes one line on stderr and exit code 2."""
     try:
@@ -252,13 +291,13 @@ def job_main(
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--preset", default=default_preset, help=preset_help)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     _configure_logging()
     run_with_errors(lambda: run(args.preset, args.overrides))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     _configure_logging(args.verbose)
     run_with_errors(lambda: args.func(args))
 

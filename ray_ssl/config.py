@@ -45,8 +45,10 @@ class StorageConfig:
 
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, else AWS
     region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
-    connect_retries: int = 3  # bounded retries before an unreachable endpoint is an error
+    connect_retries: int = 3  # attempts per S3 request (botocore) before it is an error
     connect_timeout_s: float = 5.0
+    # Wall-clock limit of one S3 request, its retries included; also bounds one stalled read.
+    request_deadline_s: float = 120.0
 
 
 @dataclass
@@ -98,7 +100,11 @@ class DataConfig:
     reader: Literal["blocks", "ray_webdataset"] = "blocks"
     batch_size: int = 64  # global batch, split evenly over train workers
     shuffle_seed: int = 0
-    max_corrupt_fraction: float = 0.01  # above this the run stops with an error
+    # A pass stops (CorruptDataError) once its corrupt samples exceed this fraction of the
+    # pass's size (the manifest's count): a count, never a running rate, since bad samples
+    # cluster by shard. Under the limit overall a run never stops; over it, as soon as the count
+    # is over (each worker on its own count, and the workers' counts summed at a pass's end).
+    max_corrupt_fraction: float = 0.01
     decode_concurrency: int | None = None  # Ray Data tasks/actors for decode+views; None = auto
     prefetch_batches: int = 2  # blocks each Train worker's iterator reads ahead of training
 
@@ -460,6 +466,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where (1-based line, column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"train.num_workers=2"`` -> ``{"train": {"num_workers": 2}}`` (value parsed as YAML)."""
     if "=" not in text:
@@ -468,7 +482,13 @@ def parse_override(text: str) -> dict[str, Any]:
     keys = [k for k in dotted.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override '{text}' has no key before '='")
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override '{text}': the value is not valid YAML ({_yaml_problem(err)}); quote it "
+            "or fix the brackets, e.g. views.global_scale=[0.4,1.0]"
+        ) from None
     for key in reversed(keys):
         value = {key: value}
     return value
@@ -488,7 +508,12 @@ def load_preset(name: str) -> dict[str, Any]:
             f"unknown preset '{name}'; choose one of {', '.join(available_presets())} "
             "or pass a path to a YAML file"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"preset file {path} is not valid YAML: {_yaml_problem(err)}; fix the file"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{name}' must be a YAML mapping of sections")
     return data
@@ -575,6 +600,11 @@ def validate(config: Config) -> None:
     _require(
         d.prefetch_batches >= 0,
         f"data.prefetch_batches={d.prefetch_batches} must be >= 0 (0 reads no block ahead)",
+    )
+    _require(
+        config.storage.request_deadline_s > 0 and config.storage.connect_retries >= 1,
+        f"storage.request_deadline_s={config.storage.request_deadline_s} must be > 0 and "
+        f"storage.connect_retries={config.storage.connect_retries} >= 1",
     )
     _require(
         0.0 <= d.max_corrupt_fraction <= 1.0,

@@ -3,14 +3,20 @@
 Local paths, ``file://`` and ``s3://bucket/prefix``. For S3 the endpoint and region come from
 the config, else from the standard AWS environment variables; credentials come only from the
 standard AWS chain (environment, shared files, instance role) and are never logged or saved.
+
+Every S3 request ends by ``storage.request_deadline_s``: botocore makes up to
+``storage.connect_retries`` attempts inside that wall-clock limit (s3fs adds no retries of its
+own, so the two do not stack), and an endpoint that accepts connections but never answers is a
+one-line :class:`StorageError` at the deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,7 +78,7 @@ def pin_endpoint(storage: StorageConfig) -> StorageConfig:
 
 
 def s3_options(storage: StorageConfig) -> dict:
-    """Keyword arguments for ``s3fs.S3FileSystem``; holds no credentials."""
+    """Keyword arguments for :class:`DeadlineS3FileSystem`; holds no credentials."""
     client_kwargs: dict[str, str] = {}
     endpoint, region = _endpoint(storage), _region(storage)
     if endpoint:
@@ -83,11 +89,60 @@ def s3_options(storage: StorageConfig) -> dict:
         "client_kwargs": client_kwargs,
         "config_kwargs": {
             "connect_timeout": storage.connect_timeout_s,
-            "read_timeout": max(60.0, storage.connect_timeout_s),
-            "retries": {"max_attempts": storage.connect_retries, "mode": "standard"},
+            "read_timeout": storage.request_deadline_s,  # one stalled read ends by the deadline
+            "retries": {"total_max_attempts": storage.connect_retries, "mode": "standard"},
         },
+        "request_deadline_s": storage.request_deadline_s,
+        "endpoint_label": endpoint or "AWS",
         "skip_instance_cache": True,
     }
+
+
+@functools.cache
+def _deadline_s3_class() -> type:
+    """s3fs's filesystem with a wall-clock deadline on every request (s3fs imports lazily)."""
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+
+    class DeadlineS3FileSystem(s3fs.S3FileSystem):
+        """Every S3 call (``_call_s3``) and listing (``_lsdir``) ends by the deadline."""
+
+        retries = 1  # botocore retries (storage.connect_retries); s3fs's own would multiply them
+
+        def __init__(self, *args, request_deadline_s: float, endpoint_label: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.request_deadline_s, self.endpoint_label = request_deadline_s, endpoint_label
+
+        async def _by_deadline(self, what: str, call):
+            try:
+                return await asyncio.wait_for(call, self.request_deadline_s)
+            except TimeoutError:
+                raise StorageError(
+                    f"S3 request {what} to {self.endpoint_label} got no answer within "
+                    f"storage.request_deadline_s={self.request_deadline_s}; check that "
+                    "storage.endpoint_url (or AWS_ENDPOINT_URL) is a reachable S3 server, or "
+                    "raise the deadline"
+                ) from None
+
+        async def _call_s3(self, method, *akwarglist, **kwargs):
+            call = super()._call_s3(method, *akwarglist, **kwargs)
+            return await self._by_deadline(str(method), call)
+
+        call_s3 = sync_wrapper(_call_s3)  # s3fs's binds the base method; files write through it
+
+        async def _lsdir(self, path, *args, **kwargs):
+            return await self._by_deadline(f"list {path}", super()._lsdir(path, *args, **kwargs))
+
+    DeadlineS3FileSystem.__module__ = __name__  # pickled by name: see __getattr__
+    DeadlineS3FileSystem.__qualname__ = "DeadlineS3FileSystem"
+    return DeadlineS3FileSystem
+
+
+def __getattr__(name: str) -> type:
+    """``DeadlineS3FileSystem`` on first use, so that unpickling it (Ray tasks) finds it."""
+    if name == "DeadlineS3FileSystem":
+        return _deadline_s3_class()
+    raise AttributeError(f"module {__name__} has no attribute {name}")
 
 
 def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
@@ -98,12 +153,10 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
             "empty storage URI; pass a local path, file:///path or s3://bucket/prefix"
         )
     if uri.startswith("s3://"):
-        import s3fs
-
         path = uri[len("s3://") :].rstrip("/")
         if not path:
             raise StorageError(f"'{uri}' names no bucket; use s3://bucket/prefix")
-        return Location(s3fs.S3FileSystem(**s3_options(storage)), path, "s3")
+        return Location(_deadline_s3_class()(**s3_options(storage)), path, "s3")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif "://" in uri:
@@ -113,34 +166,32 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
 
 
 def check_reachable(loc: Location, storage: StorageConfig | None = None) -> None:
-    """Fail fast, after bounded retries, when an S3 endpoint cannot be reached."""
+    """Fail fast when an S3 endpoint cannot be reached: one listing of the bucket, which
+    botocore tries ``storage.connect_retries`` times within ``storage.request_deadline_s``."""
     if loc.scheme != "s3":
         return
     storage = storage or StorageConfig()
     bucket = loc.path.split("/", 1)[0]
-    last: Exception | None = None
-    for attempt in range(storage.connect_retries):
-        try:
-            loc.fs.ls(bucket, refresh=True)
-            return
-        except FileNotFoundError as err:
-            raise StorageError(
-                f"S3 bucket '{bucket}' does not exist at {_endpoint(storage) or 'AWS'}; "
-                "create it or fix the URI"
-            ) from err
-        except PermissionError as err:
-            raise StorageError(
-                f"access to S3 bucket '{bucket}' denied; check the AWS credentials in the "
-                "environment or ~/.aws"
-            ) from err
-        except Exception as err:  # network errors come in many botocore types
-            last = err
-            time.sleep(min(2.0**attempt * 0.2, 2.0))
-    raise StorageError(
-        f"S3 endpoint {_endpoint(storage) or 'AWS default'} unreachable after "
-        f"{storage.connect_retries} tries ({type(last).__name__}); check storage.endpoint_url "
-        "or AWS_ENDPOINT_URL and the network"
-    )
+    try:
+        loc.fs.ls(bucket, refresh=True)
+    except FileNotFoundError as err:
+        raise StorageError(
+            f"S3 bucket '{bucket}' does not exist at {_endpoint(storage) or 'AWS'}; "
+            "create it or fix the URI"
+        ) from err
+    except PermissionError as err:
+        raise StorageError(
+            f"access to S3 bucket '{bucket}' denied; check the AWS credentials in the "
+            "environment or ~/.aws"
+        ) from err
+    except StorageError:
+        raise
+    except Exception as err:  # network errors come in many botocore types
+        raise StorageError(
+            f"S3 endpoint {_endpoint(storage) or 'AWS default'} unreachable after "
+            f"{storage.connect_retries} tries ({type(err).__name__}); check "
+            "storage.endpoint_url or AWS_ENDPOINT_URL and the network"
+        ) from err
 
 
 @contextmanager

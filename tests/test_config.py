@@ -83,3 +83,62 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ray-ssl: error:") and message in err[0]
+
+
+@pytest.mark.parametrize("override", ["train.epochs=[1,", "views.global_scale={a: 1", "x.y=: :"])
+def test_yaml_syntax_error_in_an_override_is_one_line(capsys, override):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config("local", [override])
+    assert override in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", override])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "not valid YAML" in err_lines[0]
+
+
+def test_yaml_syntax_error_in_a_preset_file_is_one_line(tmp_path, capsys):
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("data:\n  batch_size: [64,\ntrain:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match="broken.yaml") as err:
+        load_config(str(preset))
+    assert "line 4" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", str(preset)])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_overrides_after_options_are_accepted(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run from another directory: a relative --out lands here
+    main(["shards", "write", "--source", "digits", "--split", "test", "shards.samples_per_shard=50",
+          "--out", "digits", "shards.seed=3", "storage.connect_retries=2"])  # fmt: skip
+    assert "wrote 359 samples in 8 shards" in capsys.readouterr().out
+    main(["shards", "inspect", "digits", "--preset", "local", "storage.connect_retries=2"])
+    assert "verified" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "train.epochs=1", "--preset", "local", "data.batch_sise=8"],
+        ["curate", "train.epochs=1", "--preset", "curate_local", "data.batch_sise=8"],
+        ["tune", "train.epochs=1", "--param", "train.seed=grid:0,1", "data.batch_sise=8"],
+        ["shards", "inspect", "{tmp}", "--preset", "local", "data.batch_sise=8"],
+        ["shards", "write", "--source", "digits", "--out", "{tmp}", "data.batch_sise=8"],
+    ],
+)
+def test_every_subcommand_takes_overrides_anywhere(tmp_path, capsys, argv):
+    """The misspelt key reaches the config (one-line ConfigError naming it), not argparse."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.batch_sise" in err[0] and "unrecognized" not in err[0]
+
+
+def test_stray_arguments_are_still_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "train.epochs=1", "--preset", "local", "stray"])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    assert "unrecognized arguments: stray" in capsys.readouterr().err.strip().splitlines()[-1]

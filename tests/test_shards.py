@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ray_ssl.cli import EXIT_BAD_INPUT, main
 from ray_ssl.config import ShardsConfig, StorageConfig
 from ray_ssl.data.errors import ShardError
 from ray_ssl.data.shards import (
@@ -139,7 +140,10 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 def test_rewrite_replaces_old_shards(tmp_path):
     write_shard_set(ShardsConfig(source="digits", samples_per_shard=100), str(tmp_path), STORAGE)
     manifest = write_shard_set(
-        ShardsConfig(source="digits", samples_per_shard=1000), str(tmp_path), STORAGE
+        ShardsConfig(source="digits", samples_per_shard=1000),
+        str(tmp_path),
+        STORAGE,
+        overwrite=True,
     )
     assert sorted(os.listdir(tmp_path)) == sorted(
         [MANIFEST_NAME, *[s.name for s in manifest.shards]]
@@ -170,8 +174,9 @@ def test_ensure_reuses_rewrites_and_refuses(tmp_path):
     assert ensure_shard_set(cfg, str(tmp_path), STORAGE) == first
     assert (tmp_path / MANIFEST_NAME).stat().st_mtime_ns == stamp  # reused, not rewritten
     (tmp_path / first.shards[1].name).unlink()
-    assert ensure_shard_set(cfg, str(tmp_path), STORAGE).count == first.count
-    assert (tmp_path / first.shards[1].name).exists()
+    rewritten = ensure_shard_set(cfg, str(tmp_path), STORAGE)
+    assert rewritten.count == first.count and rewritten.generation == first.generation + 1
+    assert all((tmp_path / s.name).exists() for s in rewritten.shards)
     with pytest.raises(ShardError, match="holds shards of 'digits'"):
         ensure_shard_set(ShardsConfig(source="synthetic", split="test"), str(tmp_path), STORAGE)
 
@@ -229,3 +234,75 @@ def test_unreachable_s3_endpoint_is_a_storage_error(tmp_path):
     with pytest.raises(StorageError, match="unreachable after 2 tries") as err:
         write_shard_set(ShardsConfig(source="digits"), "s3://bucket/shards", storage)
     assert "\n" not in str(err.value)
+
+
+def _digits(samples_per_shard: int) -> ShardsConfig:
+    return ShardsConfig(source="digits", split="test", samples_per_shard=samples_per_shard)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_overwrite_keeps_the_old_set_valid_until_the_new_one_is(request, tmp_path, where):
+    root = (
+        str(tmp_path / "set") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/set"
+    )
+    old = write_shard_set(_digits(100), root, STORAGE)
+    loc = resolve(root, STORAGE)
+    with pytest.raises(ShardError, match="pass --overwrite") as err:
+        write_shard_set(_digits(50), root, STORAGE)
+    assert "\n" not in str(err.value) and read_manifest(root, STORAGE) == old
+
+    _make_folder(tmp_path / "imgs", per_class=3, bad="2_broken.jpg")  # fails mid-way
+    broken = ShardsConfig(source=f"folder:{tmp_path / 'imgs'}", split="train", samples_per_shard=1)
+    broken_test = ShardsConfig(source=broken.source, split="test", samples_per_shard=1)
+    for attempt in (broken, broken_test):
+        try:
+            write_shard_set(attempt, root, STORAGE, overwrite=True)
+        except ShardError:
+            break
+    else:
+        pytest.fail("the broken image was in neither split")
+    assert read_manifest(root, STORAGE) == old and inspect_shard_set(root, STORAGE).ok
+    assert sorted(n.rsplit("/", 1)[-1] for n in loc.fs.ls(loc.path, detail=False)) == sorted(
+        [MANIFEST_NAME, *[s.name for s in old.shards]]
+    )
+
+    new = write_shard_set(_digits(50), root, STORAGE, overwrite=True)
+    assert not {s.name for s in new.shards} & {s.name for s in old.shards}  # written beside
+    assert read_manifest(root, STORAGE) == new and inspect_shard_set(root, STORAGE).ok
+    names = sorted(n.rsplit("/", 1)[-1] for n in loc.fs.ls(loc.path, refresh=True, detail=False))
+    assert names == sorted([MANIFEST_NAME, *[s.name for s in new.shards]])  # old ones deleted
+
+
+def test_interrupted_overwrite_after_the_shards_leaves_the_old_set(tmp_path, monkeypatch):
+    import ray_ssl.data.shards as shards_module
+
+    old = write_shard_set(_digits(100), str(tmp_path), STORAGE)
+    real_write = shards_module.write_bytes_atomic
+
+    def die_on_manifest(loc, data):
+        if loc.path.endswith(MANIFEST_NAME):
+            raise KeyboardInterrupt  # the user stops the run just before the swap
+        real_write(loc, data)
+
+    monkeypatch.setattr(shards_module, "write_bytes_atomic", die_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard_set(_digits(50), str(tmp_path), STORAGE, overwrite=True)
+    assert (
+        read_manifest(str(tmp_path), STORAGE) == old
+        and inspect_shard_set(str(tmp_path), STORAGE).ok
+    )
+
+
+def test_cli_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    main(["shards", "write", "--source", "digits", "--split", "test", "--out", out])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shards", "write", "--source", "synthetic", "--out", out])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and "'digits'" in err[0]
+    main(["shards", "write", "--source", "synthetic", "--out", out, "--overwrite",
+          "shards.synthetic_count=20", "shards.synthetic_size=8"])  # fmt: skip
+    assert "wrote 20 samples" in capsys.readouterr().out
+    assert read_manifest(out, STORAGE).requested_source == "synthetic"

@@ -5,8 +5,10 @@ each tar once and emits blocks of up to ``TARGET_BLOCK_BYTES`` with columns ``ke
 ``label``, ``image`` (encoded bytes), ``corrupt`` and ``seed`` (the augmentation seed of the
 epoch). Shard order is shuffled per epoch, deterministically for (seed, epoch); the epoch advances
 with each execution of the dataset, which is how Ray Train workers re-iterate it every epoch.
-Unreadable parts of a shard (truncated tar, missing fields) become ``corrupt`` rows, so that the
-consumer can count them against ``data.max_corrupt_fraction`` instead of failing.
+Unusable samples (``ray_ssl.data.checks``: truncated tar, missing fields, idx outside the
+shard's range, more samples than the manifest lists) become ``corrupt`` rows whose ``problem``
+says which shard, key and why, so that the consumer can count them against
+``data.max_corrupt_fraction`` instead of failing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 
 from ray_ssl.config import StorageConfig
+from ray_ssl.data.checks import MISSING, UNKNOWN_LABEL, describe, sample_label, sample_problem
 from ray_ssl.data.shards import Manifest, ShardInfo, iter_shard
 from ray_ssl.data.tario import TruncatedShardError
 from ray_ssl.storage import resolve
@@ -30,7 +33,6 @@ log = logging.getLogger(__name__)
 
 TARGET_BLOCK_BYTES = 32 << 20
 MAX_BLOCK_ROWS = 4096
-UNKNOWN_LABEL = -1
 SEED_BITS = 63  # seeds stay non-negative int64 in Arrow
 
 RAW_SCHEMA = pa.schema(
@@ -41,6 +43,8 @@ RAW_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("corrupt", pa.bool_()),
         ("seed", pa.int64()),
+        ("problem", pa.string()),  # "" for a good row; else shard:key (kind: detail)
+        ("shard", pa.string()),  # file name of the row's shard
     ]
 )
 
@@ -56,18 +60,24 @@ def shard_order(count: int, seed: int, epoch: int) -> list[int]:
 
 
 class _Rows:
-    """Column buffers for one block."""
+    """Column buffers for one block of one shard."""
 
-    def __init__(self) -> None:
+    def __init__(self, shard: str) -> None:
+        self.shard = shard
         self.columns: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
         self.nbytes = 0
 
-    def add(self, key: str, idx: int, label: int, image: bytes, corrupt: bool, seed: int) -> None:
-        for name, value in zip(
-            RAW_SCHEMA.names, (key, idx, label, image, corrupt, seed), strict=True
-        ):
+    def add(self, key: str, idx: int, label: int, image: bytes, seed: int) -> None:
+        values = (key, idx, label, image, False, seed, "", self.shard)
+        for name, value in zip(RAW_SCHEMA.names, values, strict=True):
             self.columns[name].append(value)
         self.nbytes += len(image) + len(key) + 32
+
+    def add_corrupt(self, key: str, seed: int, problem: str) -> None:
+        values = (key, -1, UNKNOWN_LABEL, b"", True, seed, problem, self.shard)
+        for name, value in zip(RAW_SCHEMA.names, values, strict=True):
+            self.columns[name].append(value)
+        self.nbytes += len(key) + len(problem) + 32
 
     def __len__(self) -> int:
         return len(self.columns["key"])
@@ -78,26 +88,32 @@ class _Rows:
 
 
 def read_shard_rows(
-    shard_uri: str, info: ShardInfo, storage: StorageConfig, seed: int | None
+    shard_uri: str, info: ShardInfo, storage: StorageConfig, seed: int | None, num_classes: int = 0
 ) -> Iterator[pa.Table]:
-    """Blocks of raw rows of one shard; rows the shard lacks (truncation) come back corrupt."""
-    rows = _Rows()
+    """Blocks of raw rows of one shard; unusable samples and the samples a truncated shard lacks
+    come back corrupt (see ``ray_ssl.data.checks``); ``num_classes`` bounds valid labels."""
+    rows = _Rows(info.name)
     aug_seed = 0 if seed is None else seed
     found = 0
+    why_short = "the shard ended early"
     try:
         for sample in iter_shard(resolve(shard_uri, storage)):
+            problem = sample_problem(sample, info, found)
             found += 1
-            idx, label, image = sample.int_field("idx"), sample.int_field("cls"), sample.image
-            ok = idx is not None and image is not None
-            rows.add(sample.key, idx if ok else -1, label if label is not None else UNKNOWN_LABEL,
-                     image if ok else b"", not ok, aug_seed)  # fmt: skip
+            if problem is None:
+                label = sample_label(sample, num_classes)
+                rows.add(sample.key, sample.int_field("idx"), label, sample.image, aug_seed)
+            else:
+                rows.add_corrupt(sample.key, aug_seed, describe(info.name, sample.key, *problem))
             if rows.nbytes >= TARGET_BLOCK_BYTES or len(rows) >= MAX_BLOCK_ROWS:
                 yield _finish(rows, seed, info.first_idx + found)
-                rows = _Rows()
+                rows = _Rows(info.name)
     except (TruncatedShardError, FileNotFoundError) as err:
         log.warning("shard %s unreadable after %d samples: %s", shard_uri, found, err)
-    for missing in range(max(0, info.count - found)):
-        rows.add(f"{info.name}#missing{missing}", -1, UNKNOWN_LABEL, b"", True, aug_seed)
+        why_short = f"{type(err).__name__}: {err}"
+    for missing in range(found, info.count):
+        key = f"#{missing}"  # the sample's position in the shard: its key was never read
+        rows.add_corrupt(key, aug_seed, describe(info.name, key, MISSING, why_short))
     if len(rows):
         yield _finish(rows, seed, info.first_idx + found)
 
@@ -111,10 +127,11 @@ def _finish(rows: _Rows, seed: int | None, salt: int) -> pa.Table:
 
 
 def _read_shards(
-    uri: str, shards: list[ShardInfo], storage: StorageConfig, seed: int | None
+    uri: str, shards: list[ShardInfo], storage: StorageConfig, seed: int | None, num_classes: int
 ) -> Iterator[pa.Table]:
     for info in shards:
-        yield from read_shard_rows(f"{uri.rstrip('/')}/{info.name}", info, storage, seed)
+        shard_uri = f"{uri.rstrip('/')}/{info.name}"
+        yield from read_shard_rows(shard_uri, info, storage, seed, num_classes)
 
 
 class ShardSetDatasource(Datasource):
@@ -166,6 +183,8 @@ class ShardSetDatasource(Datasource):
                 input_files=[f"{self.uri.rstrip('/')}/{s.name}" for s in members],
                 exec_stats=None,
             )
-            read = functools.partial(_read_shards, self.uri, members, self.storage, seed)
+            read = functools.partial(
+                _read_shards, self.uri, members, self.storage, seed, len(self.manifest.classes)
+            )
             tasks.append(ReadTask(read, metadata, RAW_SCHEMA, per_task_row_limit))
         return tasks

@@ -4,6 +4,10 @@ A shard set is a directory (local or ``s3://``) of ``shard-NNNNNN.tar`` files pl
 ``manifest.json``. Every shard and the manifest are written atomically (temporary name, then
 rename; on S3 an upload is visible only once complete), and the manifest is written last, so a
 reader that trusts the manifest never sees a half-written set.
+
+Replacing a set (``overwrite``) writes the new generation's shards beside the old ones under new
+names (``gNNN-shard-NNNNNN.tar``), swaps the manifest in one atomic write, and only then deletes
+the old shards: until the swap the old set stays whole and valid, whatever interrupts the write.
 """
 
 from __future__ import annotations
@@ -17,9 +21,18 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from ray_ssl.config import ShardsConfig, StorageConfig
+from ray_ssl.data.checks import (
+    BAD_LABEL,
+    MISSING,
+    UNDECODABLE,
+    describe,
+    label_problem,
+    sample_problem,
+)
 from ray_ssl.data.errors import ShardError
 from ray_ssl.data.sources import open_source
 from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
+from ray_ssl.data.views import CorruptImageError, decode_image
 from ray_ssl.storage import (
     Location,
     StorageError,
@@ -34,9 +47,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_PATTERN = "shard-{:06d}.tar"  # generation 0; later ones carry a gNNN- prefix
 SET_FORMAT = "webdataset"
 READ_BLOCK_BYTES = 8 << 20  # buffered reads of shards (S3 range requests of this size)
+INSPECT_EXAMPLES = 5  # bad samples that `shards inspect` names
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class Manifest:
     channels: int
     format: str = SET_FORMAT
     version: int = MANIFEST_VERSION
+    generation: int = 0  # how many times the set at this URI has been replaced
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
@@ -83,9 +98,6 @@ class Manifest:
             )
         return manifest
 
-    def shard_uris(self, uri: str) -> list[str]:
-        return [f"{uri.rstrip('/')}/{s.name}" for s in self.shards]
-
 
 def _chunks(samples: Iterator[tuple[bytes, int]], size: int) -> Iterator[list[tuple[bytes, int]]]:
     while chunk := list(itertools.islice(samples, size)):
@@ -99,6 +111,12 @@ def _tar_samples(chunk: list[tuple[bytes, int]], first_idx: int, split: str, ext
             f"{split}-{idx:08d}",
             {ext: image, "cls": str(label).encode(), "idx": str(idx).encode()},
         )
+
+
+def shard_name(generation: int, number: int) -> str:
+    """File name of shard ``number`` of a set's ``generation``: never one of an older one."""
+    name = SHARD_PATTERN.format(number)
+    return f"g{generation:03d}-{name}" if generation else name
 
 
 def _remove(loc: Location, names: list[str]) -> None:
@@ -118,20 +136,33 @@ def _existing_manifest(loc: Location) -> Manifest | None:
         return None
 
 
-def write_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) -> Manifest:
-    """Write the source named by ``cfg`` as shards plus a manifest under ``out_uri``."""
+def write_shard_set(
+    cfg: ShardsConfig, out_uri: str, storage: StorageConfig, overwrite: bool = False
+) -> Manifest:
+    """Write the source named by ``cfg`` as shards plus a manifest under ``out_uri``.
+
+    A valid set already there is replaced only with ``overwrite`` (ShardError otherwise): the new
+    shards go beside the old under new names, the manifest is swapped last, then the old shards
+    are deleted.
+    """
     if cfg.samples_per_shard < 1:
         raise ShardError(f"shards.samples_per_shard={cfg.samples_per_shard} must be >= 1")
     loc = resolve(out_uri, storage)
     check_reachable(loc, storage)
-    source = open_source(cfg)  # validates the source before anything is written
     previous = _existing_manifest(loc)
-    _remove(loc, [MANIFEST_NAME])  # nobody may trust the old manifest while shards change
+    if previous is not None and not overwrite:
+        raise ShardError(
+            f"{out_uri} already holds a shard set ({previous.count} samples of "
+            f"'{previous.requested_source}' ({previous.split})); pass --overwrite to replace it "
+            "or choose another --out"
+        )
+    source = open_source(cfg)  # validates the source before anything is written
+    generation = previous.generation + 1 if previous is not None else 0
     written: list[ShardInfo] = []
     try:
         progress = tqdm(total=source.count, desc=f"shards {out_uri}", unit="img", disable=None)
         for number, chunk in enumerate(_chunks(source.samples, cfg.samples_per_shard)):
-            name = SHARD_PATTERN.format(number)
+            name = shard_name(generation, number)
             first_idx = sum(s.count for s in written)
             with atomic_write(loc.join(name)) as fh:
                 write_tar(fh, _tar_samples(chunk, first_idx, cfg.split, cfg.image_format))
@@ -150,8 +181,9 @@ def write_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) -> 
             split=cfg.split,
             image_format=cfg.image_format,
             channels=source.channels,
+            generation=generation,
         )
-        write_bytes_atomic(loc.join(MANIFEST_NAME), manifest.to_json())
+        write_bytes_atomic(loc.join(MANIFEST_NAME), manifest.to_json())  # the swap
     except BaseException:
         _remove(loc, [s.name for s in written])
         raise
@@ -203,17 +235,26 @@ class ShardCheck:
 
 @dataclass
 class InspectReport:
-    """Result of :func:`inspect_shard_set`: per-shard counts and every disagreement found."""
+    """Result of :func:`inspect_shard_set`: per-shard counts, bad samples by kind (see
+    ``ray_ssl.data.checks``) with the first few named, and every shard-level problem."""
 
     uri: str
     manifest: Manifest
     checks: list[ShardCheck]
+    decoded: bool = True  # False: images were not decoded (``--fast``)
     unlisted: list[str] = field(default_factory=list)  # .tar files the manifest does not name
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # shard-level: missing, truncated, count
+    bad_counts: dict[str, int] = field(default_factory=dict)
+    bad_examples: list[str] = field(default_factory=list)  # shard:key (kind: detail)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.bad_counts
+
+    def add_bad(self, shard: str, key: str, kind: str, detail: str) -> None:
+        self.bad_counts[kind] = self.bad_counts.get(kind, 0) + 1
+        if len(self.bad_examples) < INSPECT_EXAMPLES:
+            self.bad_examples.append(describe(shard, key, kind, detail))
 
     def summary(self) -> str:
         m = self.manifest
@@ -227,55 +268,78 @@ class InspectReport:
             detail = f" ({check.error})" if check.error else ""
             lines.append(f"  {check.name}: {check.found}/{check.expected} {status}{detail}")
         lines += [f"  unlisted file (ignored): {name}" for name in self.unlisted]
-        lines.append("verified: all shards readable, counts agree" if self.ok else
-                     f"PROBLEMS ({len(self.problems)}): " + "; ".join(self.problems))  # fmt: skip
+        decoding = "images decoded" if self.decoded else "images not decoded (--fast)"
+        bad = sum(self.bad_counts.values())
+        lines.append(f"bad samples: {bad} ({decoding})")
+        lines += [f"  {kind}: {n}" for kind, n in self.bad_counts.items()]
+        lines += [f"  first: {example}" for example in self.bad_examples]
+        lines.append("verified: all shards readable, counts, idx and labels agree" if self.ok
+                     else f"PROBLEMS: {self.one_line()}")  # fmt: skip
         return "\n".join(lines)
 
+    def one_line(self) -> str:
+        """What is wrong, on one line: shard problems, bad-sample counts, the first bad key."""
+        parts = list(self.problems[:2])
+        if len(self.problems) > 2:
+            parts.append(f"{len(self.problems) - 2} more shard problems")
+        if self.bad_counts:
+            counts = ", ".join(f"{n} {kind}" for kind, n in self.bad_counts.items())
+            parts.append(f"bad samples: {counts} (first: {self.bad_examples[0]})")
+        return "; ".join(parts)
 
-def _check_shard(loc: Location, info: ShardInfo) -> tuple[ShardCheck, list[str]]:
-    """Count one shard's samples; at most one problem per shard keeps the report short."""
+
+def _check_shard(loc: Location, info: ShardInfo, report: InspectReport) -> ShardCheck:
+    """Read one shard: count its samples, check each one's fields, idx and label, and decode
+    its image when ``report.decoded``."""
     check = ShardCheck(info.name, info.count)
-    problem: str | None = None
+    num_classes = len(report.manifest.classes)
     try:
-        for offset, sample in enumerate(iter_shard(loc.join(info.name))):
+        for sample in iter_shard(loc.join(info.name)):
+            problem = sample_problem(sample, info, check.found)
             check.found += 1
-            idx = sample.int_field("idx")
-            if problem is None and (sample.image is None or idx is None):
-                problem = f"{info.name}: sample {sample.key} lacks an image or idx"
-            elif problem is None and idx != info.first_idx + offset:
-                expected = info.first_idx + offset
-                problem = f"{info.name}: sample {sample.key} has idx {idx}, not {expected}"
+            if problem is None and report.decoded:
+                try:
+                    decode_image(sample.image, report.manifest.channels)
+                except CorruptImageError as err:
+                    problem = UNDECODABLE, str(err)
+            if problem is not None:
+                report.add_bad(info.name, sample.key, *problem)
+            elif (label := label_problem(sample, num_classes)) is not None:
+                report.add_bad(info.name, sample.key, BAD_LABEL, label)
     except FileNotFoundError:
         check.error = "missing"
     except TruncatedShardError as err:
         check.error = f"truncated: {err}"
+    for position in range(check.found, info.count):
+        report.add_bad(info.name, f"#{position}", MISSING, check.error or "shard ended early")
     if check.error:
-        problem = f"{info.name} is {check.error}"
+        report.problems.append(f"{info.name} is {check.error}")
     elif check.found != check.expected:
-        problem = f"{info.name} has {check.found} samples, manifest says {check.expected}"
-    return check, [problem] if problem else []
+        report.problems.append(
+            f"{info.name} has {check.found} samples, manifest says {check.expected}"
+        )
+    return check
 
 
-def inspect_shard_set(uri: str, storage: StorageConfig, strict: bool = True) -> InspectReport:
-    """Read every shard, count its samples and compare with the manifest.
+def inspect_shard_set(
+    uri: str, storage: StorageConfig, strict: bool = True, decode: bool = True
+) -> InspectReport:
+    """Read every shard: count its samples against the manifest, check every sample's fields,
+    idx range and label, and (with ``decode``) decode its image.
 
-    With ``strict`` a disagreement raises a one-line ShardError; otherwise it is in the report.
+    With ``strict`` anything bad raises a one-line ShardError; otherwise it is in the report.
     """
     manifest = read_manifest(uri, storage)
     loc = resolve(uri, storage)
-    report = InspectReport(uri, manifest, [])
+    report = InspectReport(uri, manifest, [], decoded=decode)
     for info in tqdm(manifest.shards, desc=f"inspect {uri}", unit="shard", disable=None):
-        check, problems = _check_shard(loc, info)
-        report.checks.append(check)
-        report.problems += problems
+        report.checks.append(_check_shard(loc, info, report))
     listed = {s.name for s in manifest.shards}
     report.unlisted = [name for name in _list_tars(loc) if name not in listed]
     if strict and not report.ok:
-        extra = len(report.problems) - 1
-        more = f" (and {extra} more problems)" if extra else ""
         raise ShardError(
-            f"shard set {uri} disagrees with its manifest: {report.problems[0]}{more}; rewrite "
-            "it with `ray-ssl shards write`"
+            f"shard set {uri} is damaged: {report.one_line()}; rewrite it with "
+            "`ray-ssl shards write --overwrite`"
         )
     return report
 
@@ -313,7 +377,7 @@ def ensure_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) ->
     bad = _shards_present(loc, manifest)
     if bad:
         log.warning("shard set %s is incomplete (%s); rewriting it", out_uri, ", ".join(bad[:3]))
-        return write_shard_set(cfg, out_uri, storage)
+        return write_shard_set(cfg, out_uri, storage, overwrite=True)
     if manifest.source != cfg.source:
         log.warning("using shard set %s, which holds '%s'", out_uri, manifest.source)
     return manifest

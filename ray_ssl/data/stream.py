@@ -4,8 +4,9 @@
 builds the views the method asks for (``ViewConfig``) in Ray Data tasks. On each Train worker,
 ``WorkerBatchIterator`` turns its ``DataIterator`` (``ray.train.get_dataset_shard("train")`` or a
 ``streaming_split`` part) into the batch contract: crop-major uint8 crops, masks, idx, labels on
-the training device. Corrupt samples are skipped and counted; past ``max_corrupt_fraction`` the
-iterator raises :class:`CorruptDataError`.
+the training device. Corrupt samples are skipped and counted; when a pass holds more of them
+than ``max_corrupt_fraction`` of its samples (the rule: :func:`corrupt_limit_exceeded`), the
+iterator raises :class:`CorruptDataError` naming the set and the first bad keys.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,17 +24,18 @@ from PIL import Image
 from ray.data.block import BlockAccessor
 
 from ray_ssl.config import DataConfig, StorageConfig, ViewConfig
-from ray_ssl.data.datasource import UNKNOWN_LABEL, ShardSetDatasource, epoch_seed
+from ray_ssl.data.checks import UNKNOWN_LABEL, sample_label, sample_problem
+from ray_ssl.data.datasource import ShardSetDatasource, epoch_seed
 from ray_ssl.data.decode import build_views_batch, decode_rows
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.shards import Manifest, iter_shard, read_manifest
-from ray_ssl.data.tario import TarSample, TruncatedShardError
+from ray_ssl.data.tario import TruncatedShardError
 from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image, mask_generator
-from ray_ssl.storage import Location, pin_endpoint, resolve
+from ray_ssl.storage import pin_endpoint, resolve
 
 log = logging.getLogger(__name__)
 
-MIN_SAMPLES_FOR_CORRUPT_CHECK = 256  # below this many samples one bad file is not yet a rate
+REPORTED_PROBLEMS = 3  # bad samples named in a CorruptDataError
 TARGET_VIEW_BLOCK_BYTES = 32 << 20  # most output of one decode+views task
 MIN_VIEW_BATCH, MAX_VIEW_BATCH = 8, 1024
 MIN_TASKS_PER_CPU = 4  # per pass, so that CPUs idle at a pass's end waste at most 1/8 of it
@@ -94,6 +96,7 @@ def _read_raw(
         filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
         decoder=None,
         shuffle=shuffle,
+        include_paths=True,  # __url__: the shard whose idx range each row must be in
     )
 
 
@@ -115,9 +118,10 @@ def build_train_dataset(
     cpus = data.decode_concurrency or int(ray.cluster_resources().get("CPU", 1))
     rows = view_batch_rows(views, consumer_batch or data.batch_size, manifest.count, cpus)
     raw = _read_raw(data.uri, manifest, storage, data.reader, data.shuffle_seed, epoch)
+    ranges = {s.name: (s.first_idx, s.count) for s in manifest.shards}
     dataset = raw.map_batches(
         build_views_batch,
-        fn_kwargs={"views": views},
+        fn_kwargs={"views": views, "shard_ranges": ranges, "num_classes": len(manifest.classes)},
         batch_size=rows,
         batch_format="numpy",
         concurrency=data.decode_concurrency,
@@ -130,17 +134,49 @@ def build_train_dataset(
     return dataset
 
 
+def corrupt_limit_exceeded(corrupt: int, pass_size: int, max_fraction: float) -> bool:
+    """The corrupt-sample rule: a pass stops once its corrupt samples exceed ``max_fraction`` of
+    the pass's size (the manifest's sample count).
+
+    Judged on the count, not on a running rate: bad samples cluster by shard, so a rate over the
+    first few hundred samples stops runs that are under the limit overall. A count can only
+    grow, so a pass under the limit overall never stops, and one over it stops as soon as the
+    count proves it (a 25%-corrupt set at a 1% limit stops 4% of the way in).
+    """
+    return corrupt > max_fraction * pass_size
+
+
 @dataclass
 class DataStats:
-    """Samples this iterator has delivered in batches plus the corrupt ones it skipped, and
-    those corrupt samples."""
+    """Samples this iterator has delivered in batches plus the corrupt ones it skipped, those
+    corrupt samples, and the first few of them as ``shard:key (reason)``."""
 
     seen: int = 0
     corrupt: int = 0
+    problems: list[str] = field(default_factory=list)
 
     @property
     def corrupt_fraction(self) -> float:
         return self.corrupt / self.seen if self.seen else 0.0
+
+    def add_corrupt(self, problems: np.ndarray) -> None:
+        self.seen += len(problems)
+        self.corrupt += len(problems)
+        room = REPORTED_PROBLEMS - len(self.problems)
+        self.problems += [str(p) for p in problems[:room]] if room > 0 else []
+
+
+def corrupt_data_error(
+    uri: str, corrupt: int, pass_size: int, max_fraction: float, problems: list[str]
+) -> CorruptDataError:
+    """The one-line error: the set, how many and the limit, the first bad samples, the fix."""
+    named = "; ".join(problems[:REPORTED_PROBLEMS]) or "none recorded"
+    return CorruptDataError(
+        f"{corrupt} corrupt samples in a pass over {uri} exceed {max_fraction * 100:.4g}% of the "
+        f"{pass_size} samples in the pass (data.max_corrupt_fraction={max_fraction}); first: "
+        f"{named}; check the set with `ray-ssl shards inspect {uri}` and rewrite it, or raise "
+        "data.max_corrupt_fraction"
+    )
 
 
 Rows = dict[str, np.ndarray]
@@ -162,7 +198,13 @@ def _split_rows(parts: list[Rows], n: int) -> tuple[list[Rows], list[Rows]]:
 
 class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
     """Batches of exactly ``batch_size`` good samples from one worker's DataIterator, in the batch
-    contract; ``.stats`` counts seen and corrupt samples."""
+    contract; ``.stats`` counts seen and corrupt samples.
+
+    ``pass_size`` is the number of samples in the whole pass (all workers together: the
+    manifest's count); this worker's corrupt samples alone stop it once they exceed
+    ``max_corrupt_fraction`` of it (:func:`corrupt_limit_exceeded`). Without it the pass is what
+    this iterator reads, judged at its end. ``uri`` names the set in the error.
+    """
 
     def __init__(
         self,
@@ -173,11 +215,14 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
         max_corrupt_fraction: float,
         drop_last: bool = True,
         prefetch_batches: int = 2,
+        pass_size: int | None = None,
+        uri: str = "the shard set",
     ):
         self.shard, self.batch_size, self.views = shard, batch_size, views
         self.device = torch.device(device)
         self.max_corrupt_fraction = max_corrupt_fraction
         self.drop_last, self.prefetch_batches = drop_last, prefetch_batches
+        self.pass_size, self.uri = pass_size, uri
         self.stats = DataStats()
         self.masks = mask_generator(views)
         self._batches = self._generate()
@@ -185,15 +230,14 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
     def __next__(self) -> dict[str, torch.Tensor]:
         return next(self._batches)
 
-    def _check_corrupt_rate(self, final: bool) -> None:
+    def _check_corrupt(self, final: bool) -> None:
         s = self.stats
-        if (final or s.seen >= MIN_SAMPLES_FOR_CORRUPT_CHECK) and (
-            s.corrupt_fraction > self.max_corrupt_fraction
+        pass_size = self.pass_size if self.pass_size is not None else s.seen
+        if (final or self.pass_size is not None) and corrupt_limit_exceeded(
+            s.corrupt, pass_size, self.max_corrupt_fraction
         ):
-            raise CorruptDataError(
-                f"{s.corrupt} of {s.seen} samples ({s.corrupt_fraction:.1%}) were corrupt, above "
-                f"data.max_corrupt_fraction={self.max_corrupt_fraction}; check the shards with "
-                "`ray-ssl shards inspect URI` or raise the limit"
+            raise corrupt_data_error(
+                self.uri, s.corrupt, pass_size, self.max_corrupt_fraction, s.problems
             )
 
     def _check_views(self, batch: dict[str, np.ndarray]) -> None:
@@ -229,12 +273,11 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
         for number, block in enumerate(self._blocks()):
             if number == 0:
                 self._check_views(block)
-            corrupt = block.pop("corrupt")
+            corrupt, problems = block.pop("corrupt"), block.pop("problem")
             bad = int(corrupt.sum())
-            self.stats.seen += bad
-            self.stats.corrupt += bad
-            self._check_corrupt_rate(final=False)
             if bad:
+                self.stats.add_corrupt(problems[corrupt])
+                self._check_corrupt(final=False)
                 block = {name: column[~corrupt] for name, column in block.items()}
             if len(corrupt) > bad:
                 pending.append(block)
@@ -244,7 +287,7 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
                 pending_rows -= self.batch_size
                 self.stats.seen += self.batch_size
                 yield self._contract(batch)
-        self._check_corrupt_rate(final=True)
+        self._check_corrupt(final=True)
         if pending_rows and not self.drop_last:
             self.stats.seen += pending_rows
             yield self._contract(pending)
@@ -323,42 +366,95 @@ def _fit(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _good_samples(loc: Location, manifest: Manifest) -> Iterator[TarSample]:
-    """Samples with an image and an idx, in shard order; a truncated shard ends early."""
-    for info in manifest.shards:
-        try:
-            for sample in iter_shard(loc.join(info.name)):
-                if sample.image is not None and sample.int_field("idx") is not None:
-                    yield sample
-        except (TruncatedShardError, FileNotFoundError) as err:
-            log.warning("skipping the rest of %s: %s", info.name, err)
+@dataclass
+class EvalSet:
+    """Decoded samples for evaluation, and how many were left out: unlabelled ones (when only
+    labelled ones were asked for) and corrupt ones (``ray_ssl.data.checks``)."""
+
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]; UNKNOWN_LABEL only when unlabelled samples are kept
+    idx: np.ndarray  # int64 [N]
+    unlabelled: int = 0
+    corrupt: int = 0
 
 
-def load_labelled_arrays(
-    uri: str, storage: StorageConfig, limit: int | None = None, size: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first ``limit`` good samples in shard order: images uint8 [N,H,W,C], labels, idx.
+def load_eval_set(
+    uri: str,
+    storage: StorageConfig,
+    limit: int | None = None,
+    size: int | None = None,
+    labelled_only: bool = True,
+) -> EvalSet:
+    """The first ``limit`` usable samples in shard order, counting what is left out on the way.
 
     Reads sequentially in this process (no Ray), for small evaluation sets. With ``size`` every
     image is resized and centre-cropped to size x size; without it the images must share a shape.
+    With ``labelled_only`` (kNN and linear evaluation) unlabelled samples are left out: a label
+    of -1 would index no class.
     """
     manifest = read_manifest(uri, storage)
     loc = resolve(uri, storage)
     images, labels, indices = [], [], []
-    for sample in _good_samples(loc, manifest):
+    unlabelled = corrupt = 0
+    for info in manifest.shards:
+        found = 0
         try:
-            image = decode_image(sample.image, manifest.channels)
-        except CorruptImageError:
-            continue
-        array = np.asarray(_fit(image, size) if size else image)
-        images.append(array[:, :, None] if array.ndim == 2 else array)
-        label = sample.int_field("cls")
-        labels.append(UNKNOWN_LABEL if label is None else label)
-        indices.append(sample.int_field("idx"))
+            for sample in iter_shard(loc.join(info.name)):
+                if limit is not None and len(images) >= limit:
+                    break
+                problem = sample_problem(sample, info, found)
+                found += 1
+                try:
+                    image = None if problem else decode_image(sample.image, manifest.channels)
+                except CorruptImageError:
+                    image = None
+                if image is None:
+                    corrupt += 1
+                    continue
+                label = sample_label(sample, len(manifest.classes))
+                unlabelled += label == UNKNOWN_LABEL
+                if labelled_only and label == UNKNOWN_LABEL:
+                    continue
+                array = np.asarray(_fit(image, size) if size else image)
+                images.append(array[:, :, None] if array.ndim == 2 else array)
+                labels.append(label)
+                indices.append(sample.int_field("idx"))
+            else:
+                corrupt += max(0, info.count - found)
+        except (TruncatedShardError, FileNotFoundError) as err:
+            log.warning("skipping the rest of %s: %s", info.name, err)
+            corrupt += max(0, info.count - found)
         if limit is not None and len(images) >= limit:
             break
     if len({a.shape for a in images}) > 1:
         raise ShardError(f"images in {uri} differ in size; pass size= to resize them")
     if not images:
-        raise ShardError(f"no readable samples in {uri}; check it with `ray-ssl shards inspect`")
-    return np.stack(images), np.asarray(labels, np.int64), np.asarray(indices, np.int64)
+        what = "labelled samples" if labelled_only else "readable samples"
+        raise ShardError(
+            f"no {what} in {uri} ({unlabelled} unlabelled, {corrupt} corrupt); check it with "
+            f"`ray-ssl shards inspect {uri}`"
+        )
+    if unlabelled or corrupt:
+        log.warning(
+            "%s: %d unlabelled samples (%s) and %d corrupt ones left out",
+            uri,
+            unlabelled,
+            "left out" if labelled_only else "kept",
+            corrupt,
+        )
+    return EvalSet(
+        np.stack(images), np.asarray(labels, np.int64), np.asarray(indices, np.int64),
+        unlabelled, corrupt,
+    )  # fmt: skip
+
+
+def load_labelled_arrays(
+    uri: str,
+    storage: StorageConfig,
+    limit: int | None = None,
+    size: int | None = None,
+    labelled_only: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`load_eval_set` as (images uint8 [N,H,W,C], labels, idx)."""
+    data = load_eval_set(uri, storage, limit, size, labelled_only)
+    return data.images, data.labels, data.idx

@@ -71,8 +71,10 @@ def _split_name(name: str) -> tuple[str, str]:
 def iter_tar(fh: IO[bytes]) -> Iterator[TarSample]:
     """Samples of a tar stream in order; raises TruncatedShardError where the stream breaks.
 
-    Every sample yielded before the error is complete; the one being read when the stream
-    broke is dropped.
+    A sample is yielded as soon as a member of the next sample begins, before that member is
+    read, so a break inside the next sample (or in a header) still delivers it; only the sample
+    whose own member is cut is dropped. A sample the break cut short of a later field is
+    delivered without that field (readers check the fields they need).
     """
     current: TarSample | None = None
     try:
@@ -81,17 +83,20 @@ def iter_tar(fh: IO[bytes]) -> Iterator[TarSample]:
                 if not member.isfile():
                     continue
                 key, ext = _split_name(member.name)
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                # Not deliverable while one of its own members is being read.
+                reading, current = current or TarSample(key), None
                 extracted = tar.extractfile(member)
                 data = extracted.read() if extracted is not None else b""
                 if len(data) != member.size:
                     raise TruncatedShardError(f"member {member.name} is cut short")
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = TarSample(key)
-                current.fields[ext] = data
+                reading.fields[ext] = data
+                current = reading
     except (tarfile.TarError, EOFError, OSError) as err:
+        if current is not None:
+            yield current
         raise TruncatedShardError(str(err) or type(err).__name__) from err
     if current is not None:
         yield current

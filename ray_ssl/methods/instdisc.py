@@ -352,13 +352,15 @@ def knn_predict_from_bank(
 
     Each chunk of queries gets its k nearest rows by the bank's map-reduce top-k; every query's
     neighbours lie in the union of those rows, so :func:`weighted_knn_predict` over just that
-    union returns the same prediction as over the whole bank.
+    union returns the same prediction as over the whole bank. Unlabelled rows (label -1) are
+    left out of the vote (a -1 would index no class), so a query among them votes with fewer.
     """
     predictions = []
     for start in range(0, queries.shape[0], KNN_QUERY_CHUNK):
         chunk = queries[start : start + KNN_QUERY_CHUNK].float()
         _, rows = bank.topk(chunk.cpu().numpy(), k)
         candidates = np.unique(rows)
+        candidates = candidates[row_labels[candidates] >= 0]  # unlabelled rows vote for nothing
         features = torch.from_numpy(bank.gather(candidates)).float()
         labels = torch.from_numpy(row_labels[candidates])
         predictions.append(weighted_knn_predict(features, labels, chunk, num_classes, k, sigma))

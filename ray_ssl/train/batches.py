@@ -8,6 +8,10 @@ rank 0 builds that pass's dataset and ``streaming_split``s it over the workers (
 ``DataConfig`` does: equal shares, locality hints) and broadcasts the split iterators, so every
 rank opens the pass at the same step. Resuming mid-pass rebuilds the pass and skips the batches
 already consumed.
+
+Corrupt samples are judged against the whole pass (``corrupt_limit_exceeded``): each worker
+stops as soon as its own count exceeds the limit, and at the end of a pass the ranks add up
+their counts, so bad samples spread over the workers are judged together.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ import ray
 import torch
 
 from ray_ssl.config import Config, ViewConfig
-from ray_ssl.data.stream import WorkerBatchIterator, build_train_dataset
+from ray_ssl.data.shards import read_manifest
+from ray_ssl.data.stream import (
+    WorkerBatchIterator,
+    build_train_dataset,
+    corrupt_data_error,
+    corrupt_limit_exceeded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +44,16 @@ def _broadcast_object(obj: Any, world_size: int) -> Any:
     return holder[0]
 
 
-def _all_node_ids(world_size: int) -> list[str]:
-    node_id = ray.get_runtime_context().get_node_id()
+def _all_gather_object(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
-        return [node_id]
-    ids: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(ids, node_id)
-    return ids
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _all_node_ids(world_size: int) -> list[str]:
+    return _all_gather_object(ray.get_runtime_context().get_node_id(), world_size)
 
 
 class PassStream:
@@ -63,6 +76,7 @@ class PassStream:
         self.pass_index, self.position = divmod(start_step, steps_per_pass)
         self.node_ids = _all_node_ids(world_size)
         self._iterator: Any = None
+        self._pass_size = 0
         self._last: Batch | None = None
         self.finished_seen = self.skipped_seen = 0
         self.finished_corrupt = self.skipped_corrupt = 0
@@ -79,8 +93,22 @@ class PassStream:
         current = self._iterator.stats.corrupt if self._iterator else 0
         return self.finished_corrupt + current - self.skipped_corrupt
 
+    def _judge_pass(self) -> None:
+        """All ranks, at the end of a pass: stop when the pass's corrupt samples, added up over
+        the workers, exceed the limit."""
+        stats = self._iterator.stats
+        counts = _all_gather_object((stats.corrupt, stats.problems), self.world_size)
+        corrupt = sum(count for count, _ in counts)
+        limit = self.config.data.max_corrupt_fraction
+        if corrupt_limit_exceeded(corrupt, self._pass_size, limit):
+            problems = [p for _, named in counts for p in named]
+            raise corrupt_data_error(
+                self.config.data.uri, corrupt, self._pass_size, limit, problems
+            )
+
     def _open_pass(self) -> None:
         if self._iterator is not None:
+            self._judge_pass()
             self.finished_seen += self._iterator.stats.seen
             self.finished_corrupt += self._iterator.stats.corrupt
         splits = None
@@ -98,7 +126,9 @@ class PassStream:
             splits = dataset.streaming_split(
                 self.world_size, equal=True, locality_hints=self.node_ids
             )
-        splits = _broadcast_object(splits, self.world_size)
+            pass_size = read_manifest(self.config.data.uri, self.config.storage).count
+            splits = (splits, pass_size)
+        splits, self._pass_size = _broadcast_object(splits, self.world_size)
         self._iterator = WorkerBatchIterator(
             splits[self.rank],
             self.per_worker_batch,
@@ -106,6 +136,8 @@ class PassStream:
             self.device,
             self.config.data.max_corrupt_fraction,
             prefetch_batches=self.config.data.prefetch_batches,
+            pass_size=self._pass_size,
+            uri=self.config.data.uri,
         )
         if self.position:
             log.info("pass %d: skipping %d consumed batches", self.pass_index, self.position)

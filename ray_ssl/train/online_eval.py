@@ -5,6 +5,8 @@ The kNN memory is a labelled subset of the train split (``eval.knn_max_train`` s
 (``eval.knn_max_test`` of ``data.eval_uri``). Every rank extracts the features of an equal share
 of the images (under ZeRO-3 each backbone forward is a collective, so all ranks take part); rank 0
 gathers them, classifies (k=20, T=0.07, Wu et al. 2018 sec. 3.5) and broadcasts the accuracy.
+Unlabelled samples (``cls`` missing, not an integer or not a class) are left out of both and
+counted (``unlabelled``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from ray_ssl.config import Config
-from ray_ssl.data.stream import load_labelled_arrays
+from ray_ssl.data.stream import load_eval_set
 from ray_ssl.eval.features import extract_features, rank_slice
 from ray_ssl.eval.knn import weighted_knn_accuracy
 from ray_ssl.models.vit import normalize_images
@@ -36,20 +38,22 @@ class KnnEvaluator:
         if config.data.eval_uri is None:
             raise ValueError("online kNN needs data.eval_uri")
         e, size = config.eval, config.views.global_size
-        self.train_images, self.train_labels, _ = load_labelled_arrays(
-            knn_memory_uri(config), config.storage, limit=e.knn_max_train, size=size
-        )
-        self.test_images, self.test_labels, _ = load_labelled_arrays(
-            config.data.eval_uri, config.storage, limit=e.knn_max_test, size=size
-        )
+        memory = load_eval_set(knn_memory_uri(config), config.storage, e.knn_max_train, size)
+        queries = load_eval_set(config.data.eval_uri, config.storage, e.knn_max_test, size)
+        self.train_images, self.train_labels = memory.images, memory.labels
+        self.test_images, self.test_labels = queries.images, queries.labels
+        self.unlabelled = {"memory": memory.unlabelled, "queries": queries.unlabelled}
         self.k, self.temperature, self.batch_size = e.knn_k, e.knn_temperature, e.feature_batch_size
         self.num_classes = num_classes
         self.autocast = config.train.precision == "bf16"  # as the engine's forward
         self.rank, self.world_size = rank, world_size
         log.info(
-            "online kNN: %d labelled train images as memory, %d test images",
+            "online kNN: %d labelled train images as memory, %d test images (unlabelled, left "
+            "out: %d memory, %d queries)",
             len(self.train_images),
             len(self.test_images),
+            memory.unlabelled,
+            queries.unlabelled,
         )
 
     def _features(
@@ -90,17 +94,13 @@ class KnnEvaluator:
 def pixel_knn_accuracy(config: Config, num_classes: int) -> float:
     """The raw-pixel baseline on the same subsets: flattened uint8 images as features."""
     e, size = config.eval, config.views.global_size
-    train, train_labels, _ = load_labelled_arrays(
-        knn_memory_uri(config), config.storage, limit=e.knn_max_train, size=size
-    )
-    test, test_labels, _ = load_labelled_arrays(
-        config.data.eval_uri, config.storage, limit=e.knn_max_test, size=size
-    )
+    train = load_eval_set(knn_memory_uri(config), config.storage, e.knn_max_train, size)
+    test = load_eval_set(config.data.eval_uri, config.storage, e.knn_max_test, size)
     return weighted_knn_accuracy(
-        torch.from_numpy(train.reshape(len(train), -1)).float(),
-        torch.from_numpy(train_labels),
-        torch.from_numpy(test.reshape(len(test), -1)).float(),
-        torch.from_numpy(test_labels),
+        torch.from_numpy(train.images.reshape(len(train.images), -1)).float(),
+        torch.from_numpy(train.labels),
+        torch.from_numpy(test.images.reshape(len(test.images), -1)).float(),
+        torch.from_numpy(test.labels),
         num_classes,
         e.knn_k,
         e.knn_temperature,

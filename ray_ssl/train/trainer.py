@@ -122,7 +122,7 @@ def _check_images(config: Config, manifest: Manifest) -> None:
     """The crops must fit in the images: compare with the first sample of the shard set."""
     from ray_ssl.data.stream import load_labelled_arrays
 
-    images, _, _ = load_labelled_arrays(config.data.uri, config.storage, limit=1)
+    images, _, _ = load_labelled_arrays(config.data.uri, config.storage, 1, labelled_only=False)
     height, width = images.shape[1:3]
     if config.views.global_size > min(height, width):
         raise ConfigError(
