@@ -215,6 +215,21 @@ def test_restarted_shard_without_snapshots_never_reinitialises(ray_local) -> Non
         bank.shutdown()
 
 
+def test_update_from_a_client_that_missed_a_restore_never_lands(ray_local) -> None:
+    spec = _spec()
+    writer, other = ShardedMemoryBank(spec), ShardedMemoryBank(spec)
+    try:
+        other.update(np.arange(spec.size), np.ones((spec.size, DIM)), 0.5)
+        other.reset()  # a whole-bank rollback the writer has not seen
+        writer.update(np.arange(spec.size), np.ones((spec.size, DIM)), 0.5)
+        with pytest.raises(MemoryBankError, match="not applied") as err:
+            writer.flush()
+        assert "\n" not in str(err.value)
+        np.testing.assert_array_equal(other.read_all(), _fresh_rows(spec))
+    finally:
+        other.shutdown()
+
+
 def _fresh_rows(spec: BankSpec) -> np.ndarray:
     bounds = shard_bounds(spec.size, spec.num_shards)
     return np.concatenate(
@@ -245,7 +260,7 @@ def test_snapshots_through_s3_are_atomic_and_pruned(s3_bucket: str) -> None:
     with pytest.raises(MemoryBankError, match="holds no rows"):  # empty until reset/restore
         shard.gather(np.arange(10, 20))
     shard.reset(generation=1)
-    shard.update(np.arange(10, 20), np.ones((10, DIM), np.float32), 0.5)
+    shard.update(np.arange(10, 20), np.ones((10, DIM), np.float32), 0.5, generation=1)
     for step in range(4):
         shard.snapshot(f"{prefix}/step-{step:012d}.npy")
     assert len(shard.prune(keep=2)) == 2

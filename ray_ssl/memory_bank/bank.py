@@ -14,6 +14,7 @@ from one consistent bank state, or the call raises a one-line :class:`MemoryBank
   client's one I/O thread, in the order the client's methods were called, so an update enqueued
   before a gather or sample is visible to it and per-row updates apply in order. Calls are never
   retried (``max_task_retries=0``): a retry after a restart could reorder or repeat updates.
+  An update carries the client's generation; a shard applies it only in that generation.
 - Incarnation and generation. Every shard result carries the shard's
   :class:`~ray_ssl.memory_bank.shard.ShardState`: its ``incarnation`` (new whenever its process
   starts) and ``generation`` (set on all shards by one whole-bank :meth:`ShardedMemoryBank.reset`
@@ -529,8 +530,9 @@ class ShardedMemoryBank:
     # -- writes ------------------------------------------------------------------------------
     def _submit_update(self, rows: np.ndarray, feats: np.ndarray, momentum: float) -> ShardCalls:
         self._serving()
+        gen = self._expected[0].generation  # conditional write: refused after a restore elsewhere
         return [
-            (s, self.handles[s].update.remote(rows[pos], feats[pos], momentum))
+            (s, self.handles[s].update.remote(rows[pos], feats[pos], momentum, gen))
             for s, pos in self._route(rows)
         ]
 

@@ -213,13 +213,20 @@ class BankShard:
         return state, local + self.lo, features[local]
 
     def update(
-        self, rows: np.ndarray, feats: np.ndarray, momentum: float
+        self, rows: np.ndarray, feats: np.ndarray, momentum: float, generation: int
     ) -> tuple[ShardState, int]:
         """v <- normalize(m v + (1 - m) f) for each row, repeated rows applied in order.
 
+        Applied only if the shard still holds ``generation`` (the writer's view of the bank), so
+        an update from a client that missed a restore never lands on the restored rows.
         Returns the state and the number of rows written.
         """
         state, features = self._serving()
+        if generation != state.generation:
+            raise MemoryBankError(
+                f"bank shard [{self.lo}, {self.hi}) was reset or restored (generation "
+                f"{generation} -> {state.generation}); the update was not applied: reattach"
+            )
         local = self._local(rows)
         feats = self._check_features(feats, local.size).astype(np.float32, copy=False)
         if not 0.0 <= momentum <= 1.0:
