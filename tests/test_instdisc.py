@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from ray_ssl.config import ConfigError, load_config
@@ -24,6 +29,8 @@ def _config(tmp_path, *overrides: str):
         "instdisc_local",
         [
             f"instdisc.num_instances={N}",
+            "instdisc.exact_softmax=false",  # the NCE path (the local preset's is exact)
+            "instdisc.temperature=0.07",
             "instdisc.negatives=32",
             "instdisc.bank_cpus_per_shard=0.1",
             f"train.run_name=instdisc-test-{uuid.uuid4().hex[:8]}",
@@ -166,3 +173,102 @@ def test_driver_pins_the_bank_size_to_the_shard_set(tmp_path) -> None:
     with pytest.raises(ConfigError, match=f"holds {count} samples") as err:
         method_driver(config).prepare(config)
     assert "\n" not in str(err.value)
+
+
+def _instdisc_job():
+    path = Path(__file__).resolve().parents[1] / "jobs" / "instdisc.py"
+    spec = importlib.util.spec_from_file_location("instdisc_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_preset_follows_lemniscates_small_data_recipe() -> None:
+    from ray_ssl.train.schedules import TrainSchedules
+
+    config = load_config("instdisc_local", ["instdisc.num_instances=60000"])
+    inst = config.instdisc
+    assert (inst.exact_softmax, inst.temperature, inst.proximal_weight) == (True, 0.1, 0.0)
+    steps = 60000 // config.data.batch_size
+    schedules = TrainSchedules.from_config(config, steps)
+    total = config.train.epochs * steps
+    assert {schedules.lr(step) for step in (0, total // 2, total - 1)} == {0.03}  # constant
+    imagenet = load_config("instdisc_imagenet")
+    assert not imagenet.instdisc.exact_softmax and imagenet.instdisc.proximal_weight > 0
+
+
+class _ShardKiller(threading.Thread):
+    """Kills bank shard 0 once the run has two bank snapshots, then records the state of every
+    shard after the whole bank has been restored (a resumed run's load_extra_state)."""
+
+    def __init__(self, storage: Path, run_name: str) -> None:
+        super().__init__(daemon=True)
+        self.snapshots = storage / run_name / "memory_bank" / "shard-000-of-002"
+        self.names = [f"instdisc-bank-{run_name}-shard-{i:03d}-of-002" for i in range(2)]
+        self.stop, self.killed, self.restored = threading.Event(), False, None
+
+    def _infos(self) -> list[dict]:
+        return [ray.get(ray.get_actor(n, namespace="ray-ssl").info.remote()) for n in self.names]
+
+    def run(self) -> None:
+        # The second snapshot: the first one's checkpoint is reported by then, so the run
+        # resumes from a checkpoint (not from scratch) whatever the kill interrupts.
+        while len(list(self.snapshots.glob("step-*.npy"))) < 2:
+            if self.stop.wait(0.05):
+                return
+        ray.kill(ray.get_actor(self.names[0], namespace="ray-ssl"), no_restart=False)
+        self.killed = True
+        while not self.stop.is_set():
+            try:
+                infos = self._infos()
+            except ray.exceptions.ActorUnavailableError:
+                continue  # shard 0 is restarting
+            except ray.exceptions.RayActorError:
+                return  # the run ended and shut the bank down
+            if all(info["source"] is not None for info in infos):  # a restore reached both
+                self.restored = infos
+                return
+            time.sleep(0.05)
+
+
+def test_job_resumes_from_its_checkpoint_after_a_shard_dies(ray_local, tmp_path, capsys) -> None:
+    """A bank shard killed mid-run fails the step; Ray Train (max_failures=1) resumes from the
+    checkpoint, whose snapshot every shard restores; the job then prints all four kNN figures."""
+    job, run_name = _instdisc_job(), f"instdisc-job-{uuid.uuid4().hex[:8]}"
+    storage = tmp_path / "runs"
+    killer = _ShardKiller(storage, run_name)
+    killer.start()
+    try:
+        job.main(
+            [
+                "--preset",
+                "local",
+                "shards.source=digits",
+                "instdisc.num_instances=null",
+                f"data.uri={tmp_path}/train",
+                f"data.eval_uri={tmp_path}/test",
+                "views.global_size=8",  # the digits are 8 x 8
+                "views.local_size=8",
+                "data.batch_size=32",
+                "train.epochs=1",
+                "train.steps_per_epoch=24",
+                "train.checkpoint_every=4",
+                "train.max_failures=1",
+                f"train.run_name={run_name}",
+                f"train.storage_path={storage}",
+                "instdisc.bank_cpus_per_shard=0.1",
+                "eval.knn_max_train=300",
+                "eval.knn_max_test=100",
+            ]
+        )
+    finally:
+        killer.stop.set()
+        killer.join()
+    out = capsys.readouterr().out
+    assert killer.killed and killer.restored is not None
+    shard0, shard1 = killer.restored
+    assert shard0["generation"] == shard1["generation"] is not None  # one whole-bank restore ...
+    step = shard0["source"].rsplit("/", 1)[1]
+    assert shard1["source"].endswith(f"shard-001-of-002/{step}")  # ... of one snapshot step
+    for name in ("bank", "recomputed", "raw_pixels", "random_init"):
+        assert f"knn_{name}_top1=" in out

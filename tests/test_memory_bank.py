@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 
@@ -10,7 +12,7 @@ import pytest
 import ray
 
 from ray_ssl.memory_bank.bank import BankSpec, ShardedMemoryBank, shard_bounds
-from ray_ssl.memory_bank.shard import BankShard, MemoryBankError
+from ray_ssl.memory_bank.shard import BankShard, MemoryBankError, initial_rows
 
 DIM = 8
 STEPS = 15  # updates per concurrent worker
@@ -124,56 +126,152 @@ def test_concurrent_workers_lose_no_update(ray_local) -> None:
         bank.shutdown()
 
 
-def _wait_for_restart(bank: ShardedMemoryBank, shard: int, old_pid: int) -> None:
-    """ray.kill is asynchronous: calls may still reach the old process for a moment."""
-    for _ in range(1000):
-        if ray.get(bank.handles[shard].info.remote())["pid"] != old_pid:
-            return
-        time.sleep(0.01)
-    raise AssertionError("the killed shard never restarted")
+def _kill_shard(bank: ShardedMemoryBank, shard: int, how: str) -> None:
+    """Kill a shard mid-run the two ways a process dies: through Ray or by a signal."""
+    if how == "ray_kill":
+        ray.kill(bank.handles[shard], no_restart=False)  # Ray restarts it (max_restarts)
+    else:
+        os.kill(bank.info()[shard]["pid"], signal.SIGKILL)
 
 
-def test_killed_shard_restarts_from_snapshot(ray_local, tmp_path) -> None:
-    bank = ShardedMemoryBank(_spec(snapshot_uri=str(tmp_path / "bank"), num_shards=2))
+def _random_op(bank: ShardedMemoryBank, ref: np.ndarray, rng: np.random.Generator, step: int):
+    """One random operation on ``bank`` and the same on ``ref``; every read must match it."""
+    op = rng.choice(["update", "gather", "sample"], p=[0.5, 0.3, 0.2])
+    if op == "update":
+        rows = rng.integers(0, bank.size, size=int(rng.integers(1, 40)))
+        feats = rng.normal(size=(rows.size, DIM)).astype(np.float32)
+        bank.update(rows, feats, 0.5)
+        _reference_update(ref, rows, feats, 0.5)
+    elif op == "gather":
+        rows = rng.integers(0, bank.size, size=int(rng.integers(1, 50)))
+        np.testing.assert_allclose(bank.gather(rows), ref[rows], atol=1e-5)
+    else:
+        neg = bank.sample_negatives(int(rng.integers(1, 64)), seed=step)
+        np.testing.assert_allclose(neg.features, ref[neg.rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["ray_kill", "os_kill"])
+def test_killed_shard_fails_loudly_until_the_whole_bank_is_restored(
+    ray_local, tmp_path, how: str
+) -> None:
+    """Updates in flight when a shard dies: no read ever returns rows that differ from the
+    sequential reference; the client fails with one line until every shard is restored from
+    one snapshot step, and then it matches the snapshot exactly."""
+    bank = ShardedMemoryBank(_spec(snapshot_uri=str(tmp_path / "bank"), max_inflight_updates=16))
     try:
+        ref = bank.read_all().copy()
         rng = np.random.default_rng(3)
-        rows = np.arange(bank.size)
-        bank.update(rows, rng.normal(size=(bank.size, DIM)), 0.5)
-        manifest = bank.snapshot(step=7)
-        at_snapshot = bank.read_all().copy()
-        bank.update(rows, rng.normal(size=(bank.size, DIM)), 0.5)
-        after = bank.read_all().copy()
-        lo, hi = int(bank.bounds[0]), int(bank.bounds[1])
+        for step in range(8):
+            _random_op(bank, ref, rng, step)
+        manifest = bank.snapshot(step=8)
+        at_snapshot = ref.copy()
+        failure = None
+        for step in range(8, 60):
+            if step == 14:
+                _kill_shard(bank, 1, how)
+            try:
+                _random_op(bank, ref, rng, step)
+            except MemoryBankError as err:
+                failure = str(err)
+                break
+        assert failure is not None and "\n" not in failure
+        assert step >= 14
+        with pytest.raises(MemoryBankError):  # the client refuses, whatever it is asked
+            bank.gather([0])
+        late = ShardedMemoryBank(bank.spec)  # a client attaching to the restarted pool
+        with pytest.raises(MemoryBankError, match="not consistent") as err:
+            late.gather([0])
+        assert "\n" not in str(err.value)
 
-        old_pid = bank.info()[0]["pid"]
-        ray.kill(bank.handles[0], no_restart=False)  # Ray restarts it; __init__ restores
-        _wait_for_restart(bank, 0, old_pid)
-        now = bank.read_all()
-        np.testing.assert_array_equal(now[lo:hi], at_snapshot[lo:hi])
-        np.testing.assert_array_equal(now[hi:], after[hi:])
-        assert bank.info()[0]["source"] == manifest["uris"][0]
-
-        bank.update([lo, hi], rng.normal(size=(2, DIM)), 0.5)  # operations continue
-        assert bank.gather([lo, hi]).shape == (2, DIM)
-        bank.restore(manifest)  # resume: the whole bank is back at the checkpoint's step
+        bank.restore(manifest)  # what a run's resume from its checkpoint does
         np.testing.assert_array_equal(bank.read_all(), at_snapshot)
+        late.reattach()
+        np.testing.assert_array_equal(late.read_all(), at_snapshot)
+        ref = at_snapshot.copy()
+        for step in range(60, 70):  # exact again from the snapshot on
+            _random_op(bank, ref, rng, step)
+        np.testing.assert_allclose(bank.read_all(), ref, atol=1e-5)
     finally:
         bank.shutdown()
 
 
-def test_snapshots_through_s3_are_atomic_and_found_on_start(s3_bucket: str) -> None:
+def test_restarted_shard_without_snapshots_never_reinitialises(ray_local) -> None:
+    bank = ShardedMemoryBank(_spec(num_shards=2))  # no snapshot_uri: nothing to roll back to
+    try:
+        bank.update(np.arange(bank.size), np.ones((bank.size, DIM)), 0.5)
+        bank.flush()
+        _kill_shard(bank, 0, "ray_kill")
+        with pytest.raises(MemoryBankError) as err:
+            for _ in range(1000):  # ray.kill is asynchronous: the old process may still answer
+                bank.gather([0])
+        assert "\n" not in str(err.value)
+        other = ShardedMemoryBank(bank.spec)
+        with pytest.raises(MemoryBankError, match=r"shards \[0\] hold no rows"):
+            other.gather([bank.size - 1])
+        assert bank.info()[0]["generation"] is None  # empty, not re-initialised
+        bank.reset()  # only an explicit whole-bank reset brings rows back
+        np.testing.assert_array_equal(bank.read_all(), _fresh_rows(bank.spec))
+    finally:
+        bank.shutdown()
+
+
+def test_update_from_a_client_that_missed_a_restore_never_lands(ray_local) -> None:
+    spec = _spec()
+    writer, other = ShardedMemoryBank(spec), ShardedMemoryBank(spec)
+    try:
+        other.update(np.arange(spec.size), np.ones((spec.size, DIM)), 0.5)
+        other.reset()  # a whole-bank rollback the writer has not seen
+        writer.update(np.arange(spec.size), np.ones((spec.size, DIM)), 0.5)
+        with pytest.raises(MemoryBankError, match="not applied") as err:
+            writer.flush()
+        assert "\n" not in str(err.value)
+        np.testing.assert_array_equal(other.read_all(), _fresh_rows(spec))
+    finally:
+        other.shutdown()
+
+
+def _fresh_rows(spec: BankSpec) -> np.ndarray:
+    bounds = shard_bounds(spec.size, spec.num_shards)
+    return np.concatenate(
+        [
+            initial_rows(int(lo), int(hi), spec.dim, spec.seed, np.dtype(spec.dtype).type)
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+    )
+
+
+def test_shutdown_with_a_dead_shard_cleans_up(ray_local) -> None:
+    bank = ShardedMemoryBank(_spec(max_restarts=0))
+    ray.kill(bank.handles[1], no_restart=True)  # permanently dead
+    bank.update(np.arange(bank.size), np.ones((bank.size, DIM)), 0.5)  # fails in flight
+    pg = bank._placement_group
+    bank.shutdown()  # raises nothing: it must not mask the error that ended a run
+    assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
+    for handle in bank.handles:
+        with pytest.raises(ray.exceptions.RayActorError):
+            for _ in range(1000):  # ray.kill is asynchronous
+                ray.get(handle.info.remote())
+                time.sleep(0.01)
+
+
+def test_snapshots_through_s3_are_atomic_and_pruned(s3_bucket: str) -> None:
     prefix = f"{s3_bucket}/run/bank/shard-000"
     shard = BankShard(10, 20, DIM, "float16", seed=4, snapshot_prefix=prefix)
-    shard.update(np.arange(10, 20), np.ones((10, DIM), np.float32), 0.5)
+    with pytest.raises(MemoryBankError, match="holds no rows"):  # empty until reset/restore
+        shard.gather(np.arange(10, 20))
+    shard.reset(generation=1)
+    shard.update(np.arange(10, 20), np.ones((10, DIM), np.float32), 0.5, generation=1)
     for step in range(4):
         shard.snapshot(f"{prefix}/step-{step:012d}.npy")
     assert len(shard.prune(keep=2)) == 2
     restarted = BankShard(10, 20, DIM, "float16", seed=99, snapshot_prefix=prefix)
-    np.testing.assert_array_equal(restarted.gather(np.arange(10, 20)), shard.features)
-    assert restarted.source == f"{prefix}/step-{3:012d}.npy"
+    state = restarted.restore(f"{prefix}/step-{3:012d}.npy", generation=2)
+    assert state == (restarted.incarnation, 2) and restarted.incarnation != shard.incarnation
+    _, rows = restarted.gather(np.arange(10, 20))
+    np.testing.assert_array_equal(rows, shard.features)
     wrong = BankShard(10, 21, DIM, "float16", seed=0)
     with pytest.raises(MemoryBankError, match="must match the run"):
-        wrong.restore(restarted.source)
+        wrong.restore(restarted.source, generation=3)
 
 
 def test_negatives_are_uniform_over_all_rows(ray_local) -> None:
@@ -192,6 +290,11 @@ def test_negatives_are_uniform_over_all_rows(ray_local) -> None:
         bank.shutdown()
 
 
+def _reset_shard(shard: BankShard) -> BankShard:
+    shard.reset(generation=0)
+    return shard
+
+
 def test_bad_input_is_one_line_error(ray_local) -> None:
     spec = _spec(size=50, num_shards=2)
     bank = ShardedMemoryBank(spec)
@@ -206,9 +309,15 @@ def test_bad_input_is_one_line_error(ray_local) -> None:
             (lambda: bank.update([1, 2], np.zeros((3, DIM)), 0.5), "expected"),
             (lambda: bank.topk(np.zeros((1, DIM - 1)), 3), "expected"),
             (lambda: ShardedMemoryBank(BankSpec(**{**spec.__dict__, "size": 60})), "already"),
+            (lambda: ShardedMemoryBank(BankSpec(**{**spec.__dict__, "dim": 4})), "already"),
+            (
+                lambda: ShardedMemoryBank(BankSpec(**{**spec.__dict__, "dtype": "float16"})),
+                "float16",
+            ),
+            (lambda: ShardedMemoryBank(BankSpec(**{**spec.__dict__, "num_shards": 3})), "not 3"),
             (lambda: bank.restore({"size": 60, "dim": DIM, "num_shards": 2, "uris": []}), "match"),
             (lambda: BankSpec(size=3, dim=DIM, num_shards=4).validate(), "shards"),
-            (lambda: BankShard(0, 5, DIM).gather(np.array([5])), "outside"),
+            (lambda: _reset_shard(BankShard(0, 5, DIM)).gather(np.array([5])), "outside"),
         ]
         for call, fragment in cases:
             with pytest.raises(MemoryBankError, match=fragment) as err:

@@ -6,18 +6,38 @@ placement group, each own rows ``[bounds[s], bounds[s + 1])``. Every operation i
 per shard, concurrently, and assembles the answers. Reads come back from the object store
 zero-copy (read-only numpy views); the client copies once, into the assembled array.
 
-Consistency rests on one Ray guarantee: calls from one caller to one (non-async,
-``max_concurrency=1``) actor execute in submission order. Every actor call of a client is
-submitted by the client's one I/O thread, in the order the client's methods were called, so an
-update enqueued before a gather or sample is visible to it and per-row updates apply in order.
-The I/O thread also takes submission (argument serialisation, ~0.5 ms per call) and the
+**The promise: the bank never serves wrong rows silently.** Every row a client returns was read
+from one consistent bank state, or the call raises a one-line :class:`MemoryBankError`:
+
+- Order. Calls from one caller to one (non-async, ``max_concurrency=1``) actor execute in
+  submission order while the actor lives. Every actor call of a client is submitted by the
+  client's one I/O thread, in the order the client's methods were called, so an update enqueued
+  before a gather or sample is visible to it and per-row updates apply in order. Calls are never
+  retried (``max_task_retries=0``): a retry after a restart could reorder or repeat updates.
+  An update carries the client's generation; a shard applies it only in that generation.
+- Incarnation and generation. Every shard result carries the shard's
+  :class:`~ray_ssl.memory_bank.shard.ShardState`: its ``incarnation`` (new whenever its process
+  starts) and ``generation`` (set on all shards by one whole-bank :meth:`ShardedMemoryBank.reset`
+  or :meth:`ShardedMemoryBank.restore`). The client checks it against the state it attached to
+  before it uses the result; a change means a shard restarted or another client rolled the bank
+  back, and the call fails.
+- Restarts. Ray restarts a dead shard (``max_restarts``) *empty*: it refuses every call until
+  the whole bank is reset or restored to one snapshot step, so it never re-initialises or rolls
+  back alone, and shards never mix rows of different steps. Updates in flight at the death are
+  lost with the rest of its rows; there is no replay. The remedy is a rollback of the whole bank:
+  a training run fails, and Ray Train (``max_failures``) resumes it from its latest checkpoint,
+  whose bank snapshot was taken at the same step as the model
+  (``ray_ssl.methods.instdisc``). After a failure this client refuses everything until it
+  resets, restores or :meth:`reattach`\\ es to a consistent pool.
+
+I/O. The I/O thread also takes submission (argument serialisation, ~0.5 ms per call) and the
 collection of reads off the training step: a step waits only for results it needs and that are
 not ready yet. Updates are fire-and-forget up to ``max_inflight_updates`` outstanding; only a
-full queue blocks.
+full queue blocks, and an update's failure surfaces at the latest on the next :meth:`flush`.
 
 The shards are named actors (``<name>-shard-<i>-of-<S>`` in ``namespace``), so every Ray Train
-worker attaches to the same pool; creation is idempotent (``get_if_exists``). A shard that dies
-is restarted by Ray (``max_restarts``) and reloads its latest snapshot.
+worker attaches to the same pool; creation is idempotent (``get_if_exists``) and ends with a
+:meth:`reset`. Attaching to a pool of another layout or dtype is a one-line error.
 """
 
 from __future__ import annotations
@@ -25,18 +45,26 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import get_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_ssl.config import StorageConfig
-from ray_ssl.memory_bank.shard import DTYPES, BankShard, MemoryBankError, snapshot_name
+from ray_ssl.memory_bank.shard import (
+    DTYPES,
+    BankShard,
+    MemoryBankError,
+    ShardState,
+    new_token,
+    snapshot_name,
+)
 from ray_ssl.storage import resolve
 
 log = logging.getLogger(__name__)
@@ -58,7 +86,7 @@ class BankSpec:
     namespace: str = "ray-ssl"
     snapshot_uri: str | None = None  # run storage prefix for shard snapshots
     seed: int = 0
-    max_restarts: int = 3
+    max_restarts: int = 3  # Ray restarts of a dead shard, empty until the bank is restored
     max_inflight_updates: int = 4
     cpus_per_shard: float = 0.5
     keep_snapshots: int = 3  # per shard; older step snapshots are pruned after each snapshot
@@ -116,13 +144,17 @@ class PendingNegatives:
         return self._future.result()
 
 
+ShardCalls = list[tuple[int, Any]]  # (shard index, ObjectRef of its result)
+
+
 class ShardedMemoryBank:
     """Client of the shard pool: route, gather, sample negatives, update, top-k, snapshot.
 
     Args:
         spec: the bank's layout and names.
-        create: create missing shards (idempotently). With ``False`` wait until another
-            process (rank 0, the driver) has created all of them, then attach.
+        create: create the shards (idempotently) when they do not all exist, then reset them.
+            With ``False`` wait until another process (rank 0, the driver) has created and
+            initialised all of them, then attach.
     """
 
     def __init__(self, spec: BankSpec, create: bool = True) -> None:
@@ -134,14 +166,23 @@ class ShardedMemoryBank:
         self.snapshot_uri = (
             resolve(spec.snapshot_uri, spec.storage).uri.rstrip("/") if spec.snapshot_uri else None
         )
-        self._inflight: deque[Future] = deque()  # update submissions -> their ObjectRefs
+        self._inflight: deque[Future] = deque()  # update submissions -> their shard calls
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-io")
         self._placement_group = None
+        self._expected: list[ShardState] = []  # the state of every shard this client serves
+        self._broken: str | None = "not attached yet"  # why this client refuses to serve
         handles = self._existing_handles()
-        if handles is None:
-            handles = self._create_handles() if create else self._wait_for_handles()
-        self.handles: list[Any] = handles
+        if handles is None and create:
+            self.handles: list[Any] = self._create_handles()
+            self._check_layout()
+            self.reset()
+            return
+        self.handles = handles if handles is not None else self._wait_for_handles()
         self._check_layout()
+        if create:
+            self._attach(raise_if_inconsistent=False)  # a restore or reset will mend it
+        else:
+            self._wait_until_consistent()
 
     # -- pool lifecycle ------------------------------------------------------------------------
     def shard_name(self, index: int) -> str:
@@ -173,13 +214,27 @@ class ShardedMemoryBank:
             f"within {ATTACH_TIMEOUT_S:.0f}s; the creating process (rank 0) must start it"
         )
 
-    def _create_handles(self) -> list[Any]:
+    def _wait_until_consistent(self) -> None:
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while not self._attach(raise_if_inconsistent=time.monotonic() > deadline):
+            time.sleep(ATTACH_POLL_S)
+
+    def _placement(self) -> Any:
         pg_name = f"{self.spec.name}-placement"
         try:
             pg = get_placement_group(pg_name)
         except ValueError:
             bundles = [{"CPU": self.spec.cpus_per_shard} for _ in range(self.num_shards)]
-            pg = placement_group(bundles, strategy="SPREAD", name=pg_name)
+            return placement_group(bundles, strategy="SPREAD", name=pg_name)
+        if len(pg.bundle_specs) != self.num_shards:
+            raise MemoryBankError(
+                f"memory bank '{self.spec.name}' already exists with {len(pg.bundle_specs)} "
+                f"shards, not {self.num_shards}; use another bank name or the original layout"
+            )
+        return pg
+
+    def _create_handles(self) -> list[Any]:
+        pg = self._placement()
         if not pg.wait(PLACEMENT_TIMEOUT_S):
             raise MemoryBankError(
                 f"memory bank placement group needs {self.num_shards} x "
@@ -196,8 +251,8 @@ class ShardedMemoryBank:
                     name=self.shard_name(i),
                     namespace=self.spec.namespace,
                     get_if_exists=True,
-                    max_restarts=self.spec.max_restarts,
-                    max_task_retries=-1,  # calls in flight when a shard dies rerun after restore
+                    max_restarts=self.spec.max_restarts,  # it restarts empty (see module doc)
+                    max_task_retries=0,  # no blind retries: a retry may reorder or repeat updates
                     max_concurrency=1,  # one call at a time: per-caller order, atomic updates
                     num_cpus=self.spec.cpus_per_shard,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -216,29 +271,66 @@ class ShardedMemoryBank:
         return handles
 
     def _check_layout(self) -> None:
-        infos = self.info()
-        for i, info in enumerate(infos):
+        for i, info in enumerate(self.info()):
             lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
-            if (info["lo"], info["hi"], info["dim"]) != (lo, hi, self.dim):
+            have = (info["lo"], info["hi"], info["dim"], info["dtype"])
+            if have != (lo, hi, self.dim, self.spec.dtype):
                 raise MemoryBankError(
                     f"memory bank '{self.spec.name}' already exists with shard {i} covering "
-                    f"[{info['lo']}, {info['hi']}) x D={info['dim']}, but N={self.size}, "
-                    f"D={self.dim}, shards={self.num_shards} asks for [{lo}, {hi}) x D={self.dim}; "
+                    f"[{info['lo']}, {info['hi']}) x D={info['dim']} in {info['dtype']}, but "
+                    f"N={self.size}, D={self.dim}, shards={self.num_shards}, "
+                    f"dtype={self.spec.dtype} asks for [{lo}, {hi}) x D={self.dim}; "
                     "use another bank name or the original layout"
                 )
 
+    def _attach(self, raise_if_inconsistent: bool) -> bool:
+        """Serve the pool's current state if it is consistent (all shards hold rows of one
+        generation); otherwise refuse to serve until a reset or restore."""
+        infos = self.info()
+        generations = {info["generation"] for info in infos}
+        if None in generations:
+            empty = [i for i, info in enumerate(infos) if info["generation"] is None]
+            problem = f"shards {empty} hold no rows (new, or restarted after a failure)"
+        elif len(generations) > 1:
+            problem = "its shards hold rows of different resets or restores"
+        else:
+            self._expected = [ShardState(i["incarnation"], i["generation"]) for i in infos]
+            self._broken = None
+            return True
+        self._broken = (
+            f"memory bank '{self.spec.name}' is not consistent: {problem}; reset it or restore "
+            "every shard from one snapshot (a run resumes from its checkpoint)"
+        )
+        if raise_if_inconsistent:
+            raise MemoryBankError(self._broken)
+        return False
+
+    def reattach(self) -> None:
+        """Serve the pool as it is now, if it is consistent (e.g. after a training run, whose
+        workers reset or restored the bank); raises :class:`MemoryBankError` if it is not."""
+        self.flush_quietly()
+        self._attach(raise_if_inconsistent=True)
+
     def info(self) -> list[dict]:
         """Each shard's ``BankShard.info()``."""
-        return self._run(lambda: ray.get([h.info.remote() for h in self.handles]))
+        return self._run(lambda: self._control("info", lambda s: ()))
 
-    def _run(self, fn: Any) -> Any:
+    def _shards(self) -> list[tuple[int, Any]]:
+        return list(enumerate(self.handles))
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the I/O thread after every earlier call of this client; wait for it."""
         return self._io.submit(fn).result()
 
     def shutdown(self) -> None:
-        """Wait for pending updates, then end the shard actors and their placement group."""
-        self.flush()
-        self._io.shutdown(wait=True)
+        """End the shard actors and their placement group; pending updates are dropped.
+
+        Raises nothing for dead shards, so that it can run in a ``finally`` without masking
+        the exception that ended the run.
+        """
+        self._broken = "this memory bank was shut down"
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self._inflight.clear()
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
         pg = self._placement_group
@@ -249,6 +341,80 @@ class ShardedMemoryBank:
                 pg = None
         if pg is not None:
             ray.util.remove_placement_group(pg)
+
+    # -- results: translate failures, check every shard's state ---------------------------------
+    def _collect(self, calls: ShardCalls, expect: bool = False) -> list[Any]:
+        """The results of ``calls`` (without their state when ``expect``), or MemoryBankError.
+
+        With ``expect`` each result starts with the shard's state, which must be the one this
+        client attached to; any failure leaves the client refusing to serve.
+        """
+        results = []
+        for shard, ref in calls:
+            try:
+                value = ray.get(ref)
+            except RayActorError as err:
+                self._broken = (
+                    f"memory bank '{self.spec.name}' shard {shard} of {self.num_shards} died "
+                    f"({type(err).__name__}); its rows and in-flight updates are lost: restore "
+                    "every shard from one snapshot (a run resumes from its checkpoint)"
+                )
+                raise MemoryBankError(self._broken) from None
+            except RayTaskError as err:
+                if isinstance(err.cause, MemoryBankError):
+                    if expect:
+                        self._broken = str(err.cause)
+                    raise MemoryBankError(str(err.cause)) from None
+                raise
+            if expect:
+                state, *payload = value
+                if state != self._expected[shard]:
+                    self._broken = (
+                        f"memory bank '{self.spec.name}' shard {shard} changed under this client "
+                        f"(incarnation {self._expected[shard].incarnation} -> "
+                        f"{state.incarnation}, generation {self._expected[shard].generation} -> "
+                        f"{state.generation}): it restarted or the bank was restored elsewhere; "
+                        "reattach after a consistent restore"
+                    )
+                    raise MemoryBankError(self._broken)
+                value = payload[0] if len(payload) == 1 else tuple(payload)
+            results.append(value)
+        return results
+
+    def _control(self, method: str, args_of: Callable[[int], tuple]) -> list[Any]:
+        """Call an idempotent shard method (info, reset, restore) on every shard.
+
+        A shard that Ray is restarting (``ActorUnavailableError``) is asked again until
+        ``ATTACH_TIMEOUT_S``: running such a call twice does no harm, unlike an update.
+        """
+
+        def submit(shard: int) -> Any:
+            return getattr(self.handles[shard], method).remote(*args_of(shard))
+
+        refs = [submit(s) for s in range(self.num_shards)]
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        results = []
+        for shard in range(self.num_shards):
+            while True:
+                try:
+                    results.append(ray.get(refs[shard]))
+                    break
+                except ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise MemoryBankError(
+                            f"memory bank '{self.spec.name}' shard {shard} stayed unavailable "
+                            f"for {ATTACH_TIMEOUT_S:.0f}s; check the Ray cluster's nodes"
+                        ) from None
+                    time.sleep(ATTACH_POLL_S)
+                    refs[shard] = submit(shard)
+                except (RayActorError, RayTaskError):
+                    results.extend(self._collect([(shard, refs[shard])]))
+                    break
+        return results
+
+    def _serving(self) -> None:
+        if self._broken is not None:
+            raise MemoryBankError(self._broken)
 
     # -- validation and routing ------------------------------------------------------------------
     def _rows(self, rows: Any) -> np.ndarray:
@@ -288,18 +454,22 @@ class ShardedMemoryBank:
 
     # -- reads (submitted and collected on the I/O thread) --------------------------------------
     def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-        parts = [(pos, self.handles[s].gather.remote(rows[pos])) for s, pos in self._route(rows)]
+        self._serving()
+        route = self._route(rows)
+        values = self._collect(
+            [(s, self.handles[s].gather.remote(rows[pos])) for s, pos in route], expect=True
+        )
         out = np.empty((rows.size, self.dim), dtype=self.dtype)
-        values = ray.get([ref for _, ref in parts])
-        for (positions, _), value in zip(parts, values, strict=True):
+        for (_, positions), value in zip(route, values, strict=True):
             out[positions] = value  # the one copy: zero-copy object-store view -> assembled array
         return out
 
     def _sample_rows(self, k: int, seed: int) -> Negatives:
+        self._serving()
         sizes = np.diff(self.bounds)
         counts = np.random.default_rng([seed, self.size]).multinomial(k, sizes / self.size)
-        refs = [self.handles[s].sample.remote(int(c), seed) for s, c in enumerate(counts) if c]
-        parts = ray.get(refs)
+        calls = [(s, h.sample.remote(int(counts[s]), seed)) for s, h in self._shards() if counts[s]]
+        parts = self._collect(calls, expect=True)
         if not parts:
             return Negatives(np.empty(0, np.int64), np.empty((0, self.dim), self.dtype))
         return Negatives(
@@ -345,8 +515,11 @@ class ShardedMemoryBank:
         k = min(k, self.size)
 
         def map_reduce() -> tuple[np.ndarray, np.ndarray]:
+            self._serving()
             query_ref = ray.put(queries)  # one copy in the object store, read by every shard
-            parts = ray.get([h.topk.remote(query_ref, k) for h in self.handles])
+            parts = self._collect(
+                [(s, h.topk.remote(query_ref, k)) for s, h in self._shards()], expect=True
+            )
             sims = np.concatenate([p[0] for p in parts], axis=1)
             rows = np.concatenate([p[1] for p in parts], axis=1)
             best = np.argsort(-sims, axis=1, kind="stable")[:, :k]
@@ -355,9 +528,11 @@ class ShardedMemoryBank:
         return self._run(map_reduce)
 
     # -- writes ------------------------------------------------------------------------------
-    def _submit_update(self, rows: np.ndarray, feats: np.ndarray, momentum: float) -> list[Any]:
+    def _submit_update(self, rows: np.ndarray, feats: np.ndarray, momentum: float) -> ShardCalls:
+        self._serving()
+        gen = self._expected[0].generation  # conditional write: refused after a restore elsewhere
         return [
-            self.handles[s].update.remote(rows[pos], feats[pos], momentum)
+            (s, self.handles[s].update.remote(rows[pos], feats[pos], momentum, gen))
             for s, pos in self._route(rows)
         ]
 
@@ -366,35 +541,49 @@ class ShardedMemoryBank:
 
         Blocks only while ``max_inflight_updates`` earlier updates are still outstanding.
         """
+        self._serving()
         rows = self._rows(rows)
         feats = self._features(feats, rows.size)
         while len(self._inflight) >= self.spec.max_inflight_updates:
-            ray.get(self._inflight.popleft().result())
+            self._collect(self._inflight.popleft().result(), expect=True)
         self._inflight.append(self._io.submit(self._submit_update, rows, feats, momentum))
-
-    def assign(self, rows: Any, feats: Any) -> None:
-        """Overwrite ``rows`` with normalised ``feats`` (bank initialised from a feature pass)."""
-        rows = self._rows(rows)
-        feats = self._features(feats, rows.size)
-        route = self._route(rows)
-        self._run(
-            lambda: ray.get(
-                [self.handles[s].assign.remote(rows[pos], feats[pos]) for s, pos in route]
-            )
-        )
 
     def flush(self) -> int:
         """Wait until every enqueued update has been applied; returns how many were pending."""
         pending = len(self._inflight)
         while self._inflight:
-            ray.get(self._inflight.popleft().result())
+            self._collect(self._inflight.popleft().result(), expect=True)
         return pending
+
+    def flush_quietly(self) -> None:
+        """Drop the pending updates' outcomes (before a whole-bank reset/restore replaces them)."""
+        while self._inflight:
+            try:
+                self._collect(self._inflight.popleft().result())
+            except MemoryBankError as err:
+                log.info("dropped a failed bank update before a reset/restore: %s", err)
 
     @property
     def inflight_updates(self) -> int:
         return len(self._inflight)
 
-    # -- snapshots ---------------------------------------------------------------------------------
+    # -- whole-bank state: reset, snapshot, restore ----------------------------------------------
+    def _set_everywhere(self, method: str, args_of: Callable[[int], tuple]) -> None:
+        """Call ``method(*args_of(shard), generation)`` on every shard, with one new generation."""
+        self.flush_quietly()
+        generation = new_token()
+
+        def run() -> list[ShardState]:
+            return self._control(method, lambda s: (*args_of(s), generation))
+
+        self._broken = f"memory bank '{self.spec.name}' is being reset or restored"
+        self._expected = self._run(run)  # stays broken if a shard fails on the way
+        self._broken = None
+
+    def reset(self) -> None:
+        """Set every shard to the seeded initial bank (the state of a run at step 0)."""
+        self._set_everywhere("reset", lambda s: ())
+
     def snapshot(self, step: int) -> dict:
         """Flush, then write every shard at ``step`` under the snapshot prefix, concurrently.
 
@@ -402,12 +591,15 @@ class ShardedMemoryBank:
         """
         if self.snapshot_uri is None:
             raise MemoryBankError("this bank has no snapshot_uri; set one to snapshot it")
+        self._serving()
         self.flush()
         uris = [f"{self.shard_prefix(i)}/{snapshot_name(step)}" for i in range(self.num_shards)]
 
         def write() -> None:
-            ray.get([h.snapshot.remote(uri) for h, uri in zip(self.handles, uris, strict=True)])
-            ray.get([h.prune.remote(self.spec.keep_snapshots) for h in self.handles])
+            calls = [(s, h.snapshot.remote(uris[s])) for s, h in self._shards()]
+            self._collect(calls, expect=True)
+            keep = self.spec.keep_snapshots
+            self._collect([(s, h.prune.remote(keep)) for s, h in self._shards()])
 
         self._run(write)
         return {**self.layout(), "step": step, "uris": uris}
@@ -416,7 +608,7 @@ class ShardedMemoryBank:
         return {"size": self.size, "dim": self.dim, "num_shards": self.num_shards}
 
     def restore(self, manifest: dict) -> None:
-        """Load the snapshot a :meth:`snapshot` manifest names into every shard."""
+        """Load the snapshot a :meth:`snapshot` manifest names into every shard (one step)."""
         if {k: manifest.get(k) for k in ("size", "dim", "num_shards")} != self.layout():
             raise MemoryBankError(
                 f"bank snapshot layout N={manifest.get('size')}, D={manifest.get('dim')}, "
@@ -424,7 +616,4 @@ class ShardedMemoryBank:
                 f"D={self.dim}, shards={self.num_shards}"
             )
         uris: Sequence[str] = manifest["uris"]
-        self.flush()
-        self._run(
-            lambda: ray.get([h.restore.remote(u) for h, u in zip(self.handles, uris, strict=True)])
-        )
+        self._set_everywhere("restore", lambda s: (uris[s],))

@@ -8,10 +8,16 @@ exact softmax over the whole bank for small N. ``after_step`` enqueues v_i <- no
 0.5 f_i) for the batch rows without waiting; ``before_checkpoint`` settles every rank's updates,
 and the bank is snapshotted with every checkpoint.
 
+Bank and model always come from the same step: a run that starts at step 0 resets the bank to
+its seeded initial rows (whatever an earlier attempt left in the pool), a resumed run restores
+the snapshot its checkpoint names, and a shard that dies mid-run fails the step with
+``MemoryBankError`` so that Ray Train (``train.max_failures``) resumes from the checkpoint.
+
 The driver (:class:`InstDiscDriver`) pins N to the shard set, owns the bank actors (so the bank
 outlives the Train workers) and reports weighted kNN (k=200, sigma=0.07, sec. 3.4) on the
 held-out split two ways: with the bank itself as the training features (the paper's protocol)
-and with recomputed features.
+and with recomputed features, beside the references learning must beat: raw pixels and the same
+network at random init (:func:`ray_ssl.eval.baselines.knn_references`).
 """
 
 from __future__ import annotations
@@ -134,11 +140,14 @@ class InstDiscDriver(MethodDriver):
     def evaluate(self, load_trained: Callable[[], Method]) -> dict[str, float]:
         """Weighted kNN top-1 on the held-out split (``eval.knn_max_test`` images), with the
         whole bank as the labelled memory (paper protocol) and with recomputed features of the
-        first ``eval.knn_max_train`` training images (a full feature pass costs an epoch)."""
+        first ``eval.knn_max_train`` training images (a full feature pass costs an epoch); on
+        the same images, raw pixels and the network at random init (``train.seed``)."""
         from ray_ssl.data.stream import load_labelled_arrays
+        from ray_ssl.eval.baselines import knn_references
         from ray_ssl.eval.features import extract_features
 
         assert self.bank is not None, "setup() creates the bank"
+        self.bank.reattach()  # the workers reset or restored the bank: serve its final state
         config = self.config
         inst, e, size = config.methods[NAME], config.eval, config.views.global_size
         method = load_trained()
@@ -173,9 +182,24 @@ class InstDiscDriver(MethodDriver):
             inst.knn_k,
             inst.knn_sigma,
         )
+        torch.manual_seed(config.train.seed)  # the initialisation the run started from
+        untrained = InstDiscMethod(config, steps_per_epoch=1, total_steps=1)
+        references = knn_references(
+            train_images[subset],
+            train_labels[subset],
+            test_images,
+            test_labels,
+            embedding_network(untrained),
+            normalize_images,
+            num_classes,
+            inst.knn_k,
+            inst.knn_sigma,
+            e.feature_batch_size,
+        )
         return {
             "knn_bank_top1": float((predicted == test_labels_t).float().mean()),
             "knn_recomputed_top1": recomputed,
+            **references,
         }
 
 
@@ -210,6 +234,7 @@ class InstDiscMethod(Method):
         self._bank: ShardedMemoryBank | None = None
         self._pending_update: tuple[np.ndarray, np.ndarray] | None = None
         self._prefetched: tuple[int, PendingNegatives] | None = None
+        self._bank_ready = False  # the bank holds the rows of this run's current step
 
     # -- contract ------------------------------------------------------------------------------
     def backbone(self) -> nn.Module:
@@ -235,6 +260,8 @@ class InstDiscMethod(Method):
         self.log_z = state["log_z"]
 
     def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        if not self._bank_ready:
+            self._start_bank(step)
         rows = batch["idx"].detach().cpu().numpy()
         positives_pending = self.bank.gather_async(rows)  # overlaps with the backbone forward
         whole_bank = (
@@ -309,8 +336,23 @@ class InstDiscMethod(Method):
             log.info("memory bank restored to its snapshot of step %d", manifest["step"])
         if world_size > 1:
             torch.distributed.barrier()  # no rank updates the bank before it is restored
+        self._bank_ready = True
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _start_bank(self, step: int) -> None:
+        """A run from scratch starts from the seeded initial bank (rank 0 resets it)."""
+        if step != 0:
+            raise MemoryBankError(
+                f"InstDisc is at step {step} but no bank snapshot was restored; resume from a "
+                "checkpoint written by InstDisc"
+            )
+        rank, world_size = _distributed()
+        if rank == 0:
+            self.bank.reset()
+        if world_size > 1:
+            torch.distributed.barrier()  # the other ranks attach to the reset bank
+        self._bank_ready = True
+
     def _seed(self, step: int) -> int:
         rank, _ = _distributed()
         return int(

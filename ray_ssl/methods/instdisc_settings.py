@@ -37,7 +37,7 @@ class InstDiscSettings:
     bank_shards: int = 2
     bank_dtype: Literal["float16", "float32"] = "float32"
     bank_cpus_per_shard: float = 0.5
-    bank_max_restarts: int = 3  # Ray restarts of a dead shard actor (from its latest snapshot)
+    bank_max_restarts: int = 3  # Ray restarts of a dead shard (empty: the run resumes)
     max_inflight_updates: int = 4
     knn_k: int = 200
     knn_sigma: float = 0.07
