@@ -99,19 +99,21 @@ def _cmd_rasa(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from ray_ssl.data.shards import read_manifest
-    from ray_ssl.eval.suite import check_inputs, eval_output_uri
+    from ray_ssl.eval.suite import StructureRequest, check_inputs, eval_output_uri
 
     config = load_config(args.preset, args.overrides)
     check_inputs(args.export, args.rasa, config)
-    for uri in (args.data, args.eval_data):
-        read_manifest(uri, config.storage)
+    manifests = [read_manifest(uri, config.storage) for uri in (args.data, args.eval_data)]
+    structure = None
+    if args.global_structure:
+        structure = StructureRequest(manifests[1].classes, _class_tree(args, manifests[1].classes))
     print(f"evaluating {args.export}; results go to {eval_output_uri(args.export, config)}")
 
     from ray_ssl.data.stream import load_labelled_arrays
     from ray_ssl.eval.suite import run_eval
 
     outcome = run_eval(
-        config, args.export, args.data, args.eval_data, load_labelled_arrays, args.rasa
+        config, args.export, args.data, args.eval_data, load_labelled_arrays, args.rasa, structure
     )
     knn = outcome.report["knn"]["top1"]
     linear = outcome.report["linear"]
@@ -120,7 +122,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         f"linear probe top-1: {linear['test_top1']:.4f} ({linear['best_head']}, "
         f"held-out {linear['holdout_top1']:.4f})"
     )
+    if structure is not None:
+        found = outcome.report["global_structure"]
+        rows = {**found["label_free"], **found.get("tree", {})}
+        print("global structure: " + ", ".join(f"{k} {v:.4f}" for k, v in rows.items()))
     print(f"wrote {outcome.report_uri}" + (f" and {outcome.pca_uri}" if outcome.pca_uri else ""))
+
+
+def _class_tree(args: argparse.Namespace, classes: list[str]) -> str | None:
+    """The class tree to compare with: ``--class-tree``, else the shipped tree whose leaves are
+    exactly the test split's classes, else none (the label-free metric only)."""
+    from ray_ssl.eval.class_tree import load_class_tree, shipped_trees
+
+    if args.class_tree is not None:
+        load_class_tree(args.class_tree).distance_matrix(classes)  # a mismatch fails now
+        return args.class_tree
+    return next(
+        (name for name in shipped_trees() if set(load_class_tree(name).paths) == set(classes)),
+        None,
+    )
 
 
 def _cmd_curate(args: argparse.Namespace) -> None:
@@ -210,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="labelled training shards (URI)")
     evaluate.add_argument("--eval-data", required=True, help="labelled test shards (URI)")
     evaluate.add_argument("--rasa", default=None, help="RASA basis (.safetensors) to remove")
+    evaluate.add_argument(
+        "--global-structure",
+        action="store_true",
+        help="also the global-structure metric (label-free, and against a class tree)",
+    )
+    evaluate.add_argument(
+        "--class-tree",
+        default=None,
+        help="class tree YAML (default: the shipped tree matching the classes, e.g. fashion_mnist)",
+    )
     _add_config_args(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 

@@ -219,8 +219,12 @@ def test_ray_ssl_eval_runs_end_to_end_from_another_directory(tmp_path, digits_sh
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tree = tmp_path / "digits_tree.yaml"  # any user tree: here, digits by parity
+    tree.write_text("- even: ['0', '2', '4', '6', '8']\n- odd: ['1', '3', '5', '7', '9']\n")
     data = ["--data", digits_shards[0], "--eval-data", digits_shards[1]]
-    command = [sys.executable, "-m", "ray_ssl.cli", "eval", str(weights), *data, *SMALL_EVAL]
+    structure = ["--global-structure", "--class-tree", str(tree)]
+    command = [sys.executable, "-m", "ray_ssl.cli", "eval", str(weights), *data, *SMALL_EVAL,
+               *structure]  # fmt: skip
     done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "run" / "eval"
@@ -230,6 +234,11 @@ def test_ray_ssl_eval_runs_end_to_end_from_another_directory(tmp_path, digits_sh
     assert report["samples"] == {"train": 400, "test": 120, "train_unlabelled_excluded": 0,
                                  "test_unlabelled_excluded": 0}  # fmt: skip
     assert 0.0 <= report["linear"]["test_top1"] <= 1.0 and len(report["linear"]["heads"]) == 4
+    structure_report = report["global_structure"]
+    assert structure_report["centroids"] == 30  # 120 test samples, 4 per centroid
+    assert set(structure_report["label_free"]) >= {"cophenetic_pearson", "stability_ari"}
+    assert -1.0 <= structure_report["tree"]["tree_spearman"] <= 1.0
+    assert "global structure: cophenetic_pearson" in done.stdout
     picture = Image.open(out / "pca.png")
     assert picture.size == (3 * 2 * MIN_CELL, MIN_CELL)
     assert not list(elsewhere.iterdir())  # nothing written in the working directory

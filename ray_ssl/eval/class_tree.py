@@ -80,15 +80,20 @@ def _walk(nodes: Any, prefix: tuple[str, ...], paths: dict[str, tuple[str, ...]]
             )
 
 
+def shipped_trees() -> list[str]:
+    """Names of the class trees that ship with the package."""
+    return sorted(p.stem for p in TREE_DIR.glob("*.yaml"))
+
+
 def load_class_tree(name_or_path: str) -> ClassTree:
     """A shipped tree by name (``fashion_mnist``) or any tree file by path."""
     path = Path(name_or_path)
     if not path.is_file():
         path = TREE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        shipped = sorted(p.stem for p in TREE_DIR.glob("*.yaml"))
         raise ClassTreeError(
-            f"no class tree '{name_or_path}'; pass a YAML file or one of {', '.join(shipped)}"
+            f"no class tree '{name_or_path}'; pass a YAML file or one of "
+            f"{', '.join(shipped_trees())}"
         )
     try:
         data = yaml.safe_load(path.read_text())

@@ -34,6 +34,7 @@ REPORT_FILE = "eval.json"
 PCA_FILE = "pca.png"
 EVAL_DIR = "eval"
 UNKNOWN_LABEL = -1
+STRUCTURE_POINTS_PER_CENTROID = 4  # each half of the test set holds >= 2 points per centroid
 
 # (uri, storage, limit, size) -> (uint8 images [N, size, size, C], int64 labels [N], idx [N])
 ImageLoader = Callable[
@@ -149,6 +150,7 @@ def run_eval(
     eval_data_uri: str,
     load_images: ImageLoader,
     rasa_uri: str | None = None,
+    structure: StructureRequest | None = None,
 ) -> EvalOutcome:
     """Evaluate the export at ``export_uri``; see the module docstring."""
     meta = check_inputs(export_uri, rasa_uri, config)
@@ -219,7 +221,7 @@ def run_eval(
         png = pca_grid(features(test_images[:pca_count], True).patches, test_images[:pca_count])
         write_bytes_atomic(out.join(PCA_FILE), png)
         pca_uri = out.join(PCA_FILE).uri
-    report = {
+    report: dict[str, Any] = {
         "export": export_uri,
         "timm_name": meta["timm_name"],
         "data": data_uri,
@@ -242,8 +244,49 @@ def run_eval(
         "pca": {"file": pca_uri, "images": pca_count},
         "config": {"eval": to_dict(config)["eval"], "seed": config.train.seed},
     }
+    if structure is not None:
+        report["global_structure"] = global_structure_report(
+            test.cls.numpy(), y_test.numpy(), structure, config.train.seed
+        )
     write_bytes_atomic(out.join(REPORT_FILE), json.dumps(report, indent=1).encode())
     return EvalOutcome(out.uri, out.join(REPORT_FILE).uri, pca_uri, report)
+
+
+@dataclass(frozen=True)
+class StructureRequest:
+    """``ray-ssl eval --global-structure``: the test split's class names and, when the labels
+    have one, the class tree to compare against (:mod:`ray_ssl.eval.global_structure`)."""
+
+    class_names: list[str]
+    class_tree: str | None
+
+
+def global_structure_report(
+    features: np.ndarray, labels: np.ndarray, request: StructureRequest, seed: int
+) -> dict[str, Any]:
+    """The label-free metric of the test features and, with a class tree, the tree metrics."""
+    from ray_ssl.eval.class_tree import load_class_tree
+    from ray_ssl.eval.global_structure import (
+        DEFAULT_CENTROIDS,
+        class_tree_structure,
+        label_free_structure,
+    )
+
+    centroids = min(DEFAULT_CENTROIDS, len(features) // STRUCTURE_POINTS_PER_CENTROID)
+    if centroids < 2:
+        raise EvalError(
+            f"{len(features)} labelled test samples are too few for the global-structure metric; "
+            f"pass at least {2 * STRUCTURE_POINTS_PER_CENTROID} (eval.knn_max_test)"
+        )
+    out: dict[str, Any] = {
+        "centroids": centroids,
+        "label_free": label_free_structure(features, centroids, seed=seed).as_dict(),
+    }
+    if request.class_tree is not None:
+        tree = load_class_tree(request.class_tree)
+        out["class_tree"] = request.class_tree
+        out["tree"] = class_tree_structure(features, labels, request.class_names, tree).as_dict()
+    return out
 
 
 def pca_grid(patches: Any, images: np.ndarray) -> bytes:
