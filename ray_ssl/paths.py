@@ -31,6 +31,7 @@ PATH_KEYS = (
     "train.storage_path",
     "curation.embeddings_uri",
     "curation.output_uri",
+    "curation.backbone_export",
     "shards.fashion_mnist_dir",
 )
 FOLDER_SOURCE = "folder:"  # shards.source=folder:PATH

@@ -273,7 +273,8 @@ def test_local_demo_job_curates_a_long_tailed_pool(
     job.main(args)
     assert "curated 150 of" in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["embedding"].startswith("pixels (no pretrained export at run/export/")
+    missing = f"pixels (no pretrained export at {tmp_path}/run/export/teacher_backbone.safetensors)"
+    assert report["embedding"] == missing
     source_count = report["pool"]["source_count"]  # digits' train split
     assert report["pool"]["zipf_exponent"] == 1.0 and source_count > 1000
     classes = report["classes"]
