@@ -92,6 +92,19 @@ def _absolute(value: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, value))
 
 
+def absolute_path(value: str) -> str:
+    """``value`` (a path or URI given on the command line) made absolute as config paths are."""
+    if not is_relative_path(value):
+        return value
+    base = base_dir()
+    if base is None:
+        raise ConfigError(
+            f"relative path {value} in a Ray job would land in Ray's temporary copy of the "
+            f"working dir; pass an absolute path or s3:// URI, or set {BASE_DIR_ENV}"
+        )
+    return _absolute(value, base)
+
+
 def resolve_config_paths(config: Config, base: str | None = None) -> Config:
     """A copy of ``config`` with every relative path made absolute against ``base``
     (default: :func:`base_dir`). Inside a Ray job without ``RAY_SSL_BASE_DIR`` a relative path

@@ -91,7 +91,7 @@ def test_rasa_command_writes_the_basis_and_the_report(
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["missing-export", "--data", "DATA"], "cannot read the exported backbone"),
+        (["missing-export", "--data", "DATA"], "no sidecar"),
         (["EXPORT", "--data", "DATA", "rasa.rounds=0"], "rasa.rounds=0 must be >= 1"),
         (["EXPORT", "--data", "DATA", "rasa.batch_size=5000"], "larger than the"),
         (["EXPORT", "--data", "nowhere"], "no shard set at"),

@@ -26,7 +26,6 @@ from ray_ssl.eval.rasa import (
     removed_cosine,
 )
 from ray_ssl.models.vit import normalize_images
-from ray_ssl.storage import read_bytes, resolve
 
 if TYPE_CHECKING:
     from ray_ssl.train.rasa_job import ExportInfo
@@ -36,15 +35,11 @@ log = logging.getLogger(__name__)
 
 def frozen_backbone(export: ExportInfo, storage: StorageConfig, device: torch.device) -> nn.Module:
     """The exported timm model with its weights, in eval mode, without gradients."""
-    import timm
-    from safetensors.torch import load
+    from ray_ssl.models.export import load_exported_backbone
 
-    try:
-        model = timm.create_model(export.timm_name, pretrained=False, **export.timm_kwargs)
-        model.load_state_dict(load(read_bytes(resolve(export.weights_uri, storage))))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise RasaError(f"cannot load the exported backbone {export.weights_uri} ({err})") from err
-    return model.eval().requires_grad_(False).to(device)
+    return (
+        load_exported_backbone(export.weights_uri, storage).eval().requires_grad_(False).to(device)
+    )
 
 
 @torch.no_grad()

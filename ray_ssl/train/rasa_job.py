@@ -27,12 +27,12 @@ from typing import Any
 from ray_ssl.config import Config, ConfigError, RasaConfig, config_from_dict, to_dict
 from ray_ssl.data.shards import read_manifest
 from ray_ssl.eval.errors import RasaError
-from ray_ssl.storage import read_bytes, resolve, write_bytes_atomic
+from ray_ssl.models.export import WEIGHTS_SUFFIX, export_files, read_export_meta
+from ray_ssl.paths import absolute_path, resolve_config_paths
+from ray_ssl.storage import resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-EXPORT_SUFFIX = ".safetensors"
-EXPORT_META = "teacher_backbone.json"  # the sidecar name of a training run's export directory
 BASIS_SUFFIX = ".rasa.safetensors"
 REPORT_SUFFIX = ".rasa.json"
 CHECKPOINT_BASIS, CHECKPOINT_REPORT = "rasa_basis.safetensors", "rasa_report.json"
@@ -52,7 +52,7 @@ class ExportInfo:
 
     @property
     def stem(self) -> str:
-        return self.weights_uri[: -len(EXPORT_SUFFIX)]
+        return self.weights_uri[: -len(WEIGHTS_SUFFIX)]
 
     @property
     def grid(self) -> int:
@@ -67,33 +67,23 @@ class RasaOutcome:
 
 
 def read_export(uri: str, config: Config) -> ExportInfo:
-    """The export at ``uri``: a ``.safetensors`` file beside its ``.json`` sidecar, or a run's
-    export directory (``teacher_backbone.json``). No torch needed."""
-    uri = uri.rstrip("/")
-    if uri.endswith(EXPORT_SUFFIX):
-        sidecar = resolve(uri[: -len(EXPORT_SUFFIX)] + ".json", config.storage)
-    else:
-        sidecar = resolve(uri, config.storage).join(EXPORT_META)
+    """The export at ``uri`` (its ``.safetensors`` file or export directory), checked by the one
+    export reader (:func:`~ray_ssl.models.export.read_export_meta`). No torch needed."""
+    meta = read_export_meta(uri, config.storage)
+    kwargs = dict(meta.get("timm_kwargs", {}))
     try:
-        meta = json.loads(read_bytes(sidecar))
-        kwargs = dict(meta["timm_kwargs"])
-        weights = (
-            uri
-            if uri.endswith(EXPORT_SUFFIX)
-            else resolve(uri, config.storage).join(meta["weights"]).uri
-        )
         info = ExportInfo(
-            weights_uri=weights,
-            timm_name=str(meta["timm_name"]),
+            weights_uri=export_files(uri, config.storage).weights.uri,
+            timm_name=meta["timm_name"],
             timm_kwargs=kwargs,
             img_size=int(kwargs["img_size"]),
             patch_size=int(kwargs["patch_size"]),
             in_chans=int(kwargs.get("in_chans", 3)),
         )
-    except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise RasaError(
-            f"cannot read the exported backbone {uri} (sidecar {sidecar.uri}: {err!r}); pass the "
-            "export directory or .safetensors file written by a ray-ssl training run"
+            f"export {uri} is not a ViT export (its sidecar lacks {err}); RASA needs the patch "
+            "tokens of a ViT written by a ray-ssl training run"
         ) from err
     if info.grid < 2 or info.img_size % info.patch_size:
         raise RasaError(
@@ -148,7 +138,7 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
     """Fit RASA for the export at ``export_uri`` on ``config.data.uri``; write Q and the report
     beside the export."""
     check_rasa_config(config.rasa)
-    export = read_export(_absolute(export_uri), config)
+    export = read_export(absolute_path(export_uri), config)
     manifest = read_manifest(config.data.uri, config.storage)
     if config.data.eval_uri is not None:
         read_manifest(config.data.eval_uri, config.storage)
@@ -164,9 +154,7 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
             f"rasa.batch_size={config.rasa.batch_size} is larger than the {manifest.count} "
             f"samples of {config.data.uri}; lower it"
         )
-    from ray_ssl.train.trainer import with_absolute_paths  # torch and Ray from here on
-
-    config = with_absolute_paths(config)
+    config = resolve_config_paths(config)
     steps_per_epoch = config.rasa.steps_per_epoch or steps_per_pass
     import ray
 
@@ -200,10 +188,6 @@ def run_rasa(export_uri: str, config: Config) -> RasaOutcome:
     write_bytes_atomic(resolve(report_uri, config.storage), json.dumps(report, indent=1).encode())
     log.info("wrote the RASA basis to %s and its report to %s", basis_uri, report_uri)
     return RasaOutcome(basis_uri, report_uri, report)
-
-
-def _absolute(uri: str) -> str:
-    return uri if uri.startswith("s3://") else os.path.normpath(resolve(uri).path)
 
 
 def _trainer(config: Config, loop_config: dict[str, Any]) -> Any:
