@@ -2,11 +2,15 @@
 knows DeepSpeed's checkpoint layout.
 
 A checkpoint directory holds DeepSpeed's per-rank shards (``ds/``; every rank writes files with
-distinct names, Ray Train merges the ranks' directories), each rank's RNG state, the method's
+distinct names, Ray Train merges the ranks' directories), each rank's RNG state (safetensors with
+JSON metadata), the method's
 extra state, ``train_state.json`` (step, world size, metric history) and ``config.json`` (the
 resolved config). Each rank writes ``complete/rank_<r>`` last; a checkpoint missing any of them
 is refused at restore. Ray Train registers a checkpoint only after every rank has reported it,
 so an interrupted save is never the one ``ray.train.get_checkpoint()`` returns.
+
+Nothing here unpickles arbitrary objects: DeepSpeed's files are read with ``weights_only=True``
+(:mod:`ray_ssl.train.safe_load`), the rest is JSON or safetensors.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import torch
 from torch import nn
 
 from ray_ssl.config import Config, StorageConfig, to_dict
-from ray_ssl.errors import UserError
 from ray_ssl.models.export import EXPORT_META, EXPORT_WEIGHTS
 from ray_ssl.storage import resolve, write_bytes_atomic
+from ray_ssl.train.safe_load import (
+    CheckpointError,
+    load_tensors,
+    safe_deepspeed_loads,
+    weights_only_loads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +43,8 @@ DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole mod
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
+RNG_SUFFIX = ".safetensors"
 COMPLETE_DIR = "complete"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 
 @dataclass
@@ -53,23 +59,58 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's RNG states: torch's as tensors, numpy's and Python's as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    numpy_state = np.random.get_state(legacy=False)  # MT19937 key, pos, cached gaussian
+    numpy_json = {**numpy_state, "state": {**numpy_state["state"]}}
+    numpy_json["state"]["key"] = numpy_state["state"]["key"].tolist()
+    version, internal, gauss_next = random.getstate()
+    python_json = {"version": version, "state": list(internal), "gauss_next": gauss_next}
+    return tensors, {"numpy": json.dumps(numpy_json), "python": json.dumps(python_json)}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    numpy_state = json.loads(meta["numpy"])
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    python_state = json.loads(meta["python"])
+    random.setstate(
+        (python_state["version"], tuple(python_state["state"]), python_state["gauss_next"])
+    )
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_rng_state(path: Path) -> None:
+    """Write this process's RNG states as one safetensors file (JSON in its metadata)."""
+    from safetensors.torch import save_file
+
+    tensors, meta = _rng_state()
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore exactly the RNG states :func:`save_rng_state` wrote (no pickle involved)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint file {path} is missing; the checkpoint is incomplete or was written "
+            "by an older ray-ssl: start the run afresh or resume from another checkpoint"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+            meta = fh.metadata() or {}
+        _set_rng_state(tensors, meta)
+    except (SafetensorError, KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"checkpoint file {path} is not an RNG state written by ray-ssl ({err})"
+        ) from err
 
 
 def save_checkpoint(
@@ -83,7 +124,7 @@ def save_checkpoint(
     path = Path(directory)
     engine.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, client_state={"step": state.step})
     (path / RNG_DIR).mkdir(exist_ok=True)
-    torch.save(_rng_state(), path / RNG_DIR / f"rank_{rank}.pt")
+    save_rng_state(path / RNG_DIR / f"rank_{rank}{RNG_SUFFIX}")
     if rank == 0:
         engine.module.save_extra_state(str(path), state.step)
         (path / STATE_FILE).write_text(json.dumps(asdict(state)))
@@ -120,12 +161,16 @@ def check_complete(directory: str, world_size: int) -> TrainState:
 def restore_checkpoint(directory: str, engine: Any, rank: int, world_size: int) -> TrainState:
     """Load model, teacher, optimizer, RNG and method state from ``directory`` on every rank."""
     state = check_complete(directory, world_size)
-    load_path, _ = engine.engine.load_checkpoint(
-        directory, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    with safe_deepspeed_loads(engine.engine):
+        load_path, _ = engine.engine.load_checkpoint(
+            directory,
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{DEEPSPEED_TAG}")
-    _set_rng_state(torch.load(Path(directory) / RNG_DIR / f"rank_{rank}.pt", weights_only=False))
+    load_rng_state(Path(directory) / RNG_DIR / f"rank_{rank}{RNG_SUFFIX}")
     engine.module.load_extra_state(directory)
     log.info("resumed from %s at step %d", directory, state.step)
     return state
@@ -180,13 +225,16 @@ def load_module_state(uri: str, storage: StorageConfig, zero_stage: int) -> dict
     loc = resolve(uri, storage)
     with tempfile.TemporaryDirectory(prefix="ray-ssl-ckpt-") as tmp:
         loc.fs.get(loc.path.rstrip("/") + "/", tmp, recursive=True)
+        local = Path(tmp) / DEEPSPEED_TAG
         if zero_stage < 3:
-            states = torch.load(
-                Path(tmp) / DEEPSPEED_TAG / DEEPSPEED_MODEL_STATES,
-                map_location="cpu",
-                weights_only=False,
+            states = load_tensors(
+                local / DEEPSPEED_MODEL_STATES,
+                name=loc.join(DEEPSPEED_TAG, DEEPSPEED_MODEL_STATES).uri,
             )
             return states["module"]
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        for part in sorted(local.glob("*.pt")):  # names a refused file; mmap reads no tensors
+            load_tensors(part, name=loc.join(DEEPSPEED_TAG, part.name).uri, mmap=True)
+        with weights_only_loads(loc.join(DEEPSPEED_TAG).uri):  # zero_to_fp32 asks for pickle
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=DEEPSPEED_TAG)
