@@ -37,13 +37,19 @@ class CheckpointError(UserError, ValueError):
 
 
 def deepspeed_checkpoint_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed pickles into its checkpoints (found by saving ZeRO 0-3
-    checkpoints and loading them with ``weights_only=True``); allowed only while reading them."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints; allowed only while
+    reading them.
+
+    Found by saving ZeRO-0/2/3 checkpoints (fp32 and bf16, CPU) and listing them with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``: the ZeRO optimizer file holds
+    ``ZeroStageEnum``, ``LossScaler`` and (ZeRO 1-2) ``fragment_address``; model files hold none.
+    An fp16 run's optimizer writes a ``DynamicLossScaler`` instead (``CreateLossScaler``).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def _refusal(path: str | os.PathLike, err: Exception) -> CheckpointError:
