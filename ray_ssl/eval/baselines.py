@@ -41,7 +41,7 @@ def knn_references(
 
     def random(images: np.ndarray) -> torch.Tensor:
         device = torch.device("cpu")
-        return extract_features(random_network, images, batch_size, device, preprocess)
+        return extract_features(random_network, images, batch_size, device, preprocess).cls
 
     return {
         "knn_raw_pixels_top1": accuracy(pixels(train_images), pixels(test_images)),
