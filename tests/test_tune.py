@@ -113,6 +113,9 @@ def test_trial_overrides_put_the_run_under_the_sweep() -> None:
     config = load_config("local", overrides)
     assert config.optim.base_lr == pytest.approx(0.15) and config.train.epochs == 2
     assert (config.train.storage_path, config.train.run_name) == ("/runs", "abc_00001")
+    # A trial id of digits reads as a YAML (octal) integer unless it is quoted.
+    digits = load_config("local", trial_overrides(spec, {}, "/runs", "02543_00000"))
+    assert digits.train.run_name == "02543_00000"
 
 
 def test_every_listed_value_is_checked_before_any_trial(tmp_path: Path) -> None:

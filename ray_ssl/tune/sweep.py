@@ -18,6 +18,7 @@ the end ``sweep_results.csv``, ``sweep_results.md`` and ``sweep_curves.png``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -86,13 +87,19 @@ class SweepOutcome:
         return f"{self.sweep_uri}/{TABLE_CSV}"
 
 
-def trial_overrides(spec: SweepSpec, sampled: dict[str, Any], runs_uri: str, trial_id: str):
-    """The overrides of one trial: the sweep's, its sampled values, and its own run directory."""
+def trial_overrides(
+    spec: SweepSpec, sampled: dict[str, Any], runs_uri: str, trial_id: str
+) -> list[str]:
+    """The overrides of one trial: the sweep's, its sampled values, and its own run directory.
+
+    The paths are quoted as JSON strings: override values are read as YAML, which takes a Tune
+    trial id such as ``02543_00000`` for an (octal) integer.
+    """
     return [
         *spec.overrides,
         *value_overrides(sampled),
-        f"train.storage_path={runs_uri}",
-        f"train.run_name={trial_id}",
+        f"train.storage_path={json.dumps(runs_uri)}",
+        f"train.run_name={json.dumps(trial_id)}",
     ]
 
 
