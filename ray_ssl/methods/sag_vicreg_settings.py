@@ -13,6 +13,7 @@ from typing import Literal
 from ray_ssl.config import Config, ConfigError, MethodPlugin, ViewConfig, register_method
 from ray_ssl.methods.pair_views import pair_view_spec
 from ray_ssl.methods.vicreg_settings import VICRegSettings
+from ray_ssl.methods.vicreg_settings import check_settings as check_vicreg_settings
 
 NAME = "sag_vicreg"
 
@@ -30,10 +31,7 @@ class SAGVICRegSettings(VICRegSettings):
 
 
 def check_settings(sag: SAGVICRegSettings) -> None:
-    if not sag.expander_dims or min(sag.expander_dims) < 1:
-        raise ConfigError(
-            f"{NAME}.expander_dims={list(sag.expander_dims)} must list at least one width >= 1"
-        )
+    check_vicreg_settings(sag, NAME)
     if not 1 <= sag.scale_neighbor <= sag.neighbors:
         raise ConfigError(
             f"{NAME}.scale_neighbor={sag.scale_neighbor} must be within 1..{NAME}.neighbors="

@@ -25,14 +25,16 @@ class VICRegSettings:
     sync_batchnorm: bool = True  # BatchNorm statistics over every rank (official code)
 
 
-def check_settings(vicreg: VICRegSettings) -> None:
+def check_settings(vicreg: VICRegSettings, section: str = NAME) -> None:
+    """VICReg's checks; ``section`` names the config section in errors (SAG-VICReg reuses them)."""
     if not vicreg.expander_dims or min(vicreg.expander_dims) < 1:
         raise ConfigError(
-            f"vicreg.expander_dims={list(vicreg.expander_dims)} must list at least one width >= 1"
+            f"{section}.expander_dims={list(vicreg.expander_dims)} must list at least one "
+            "width >= 1"
         )
     for name in ("sim_coeff", "std_coeff", "cov_coeff"):
         if getattr(vicreg, name) < 0:
-            raise ConfigError(f"vicreg.{name}={getattr(vicreg, name)} must be >= 0")
+            raise ConfigError(f"{section}.{name}={getattr(vicreg, name)} must be >= 0")
 
 
 PLUGIN = register_method(
