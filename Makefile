@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/python jobs/franca_g.py --preset $(PRESET)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
