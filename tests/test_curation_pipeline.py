@@ -23,6 +23,7 @@ from ray_ssl.config import Config, StorageConfig, load_config
 from ray_ssl.curation.blocks import LocalExecutor
 from ray_ssl.curation.embed import Backbone, EmbedSpec, embed_shard_set
 from ray_ssl.curation.errors import CurationError
+from ray_ssl.curation.export import write_curated_shards
 from ray_ssl.curation.pipeline import read_curated, run_curation
 from ray_ssl.curation.table import load_embeddings
 from ray_ssl.data.shards import Manifest, iter_shard, read_manifest, write_shard_set
@@ -88,6 +89,14 @@ def test_curate_digits_on_s3_and_resume(ray_local: None, s3_bucket: str) -> None
         for s in iter_shard(resolve(config.data.uri).join(info.name))
     }
     assert all(originals[s.key] == s.image for s in samples)
+
+    # curating again into the same place swaps in a new generation, then drops the old shards
+    fewer = np.sort(table.column("idx").to_numpy())[:100]
+    write_curated_shards(config.data.uri, source, fewer, shards_loc.uri, STORAGE, 64)
+    replaced = read_manifest(shards_loc.uri, STORAGE)
+    assert (replaced.count, replaced.generation) == (100, 1)
+    names = {path.rsplit("/", 1)[-1] for path in shards_loc.fs.ls(shards_loc.path, detail=False)}
+    assert names == {"manifest.json", "g001-shard-000000.tar", "g001-shard-000001.tar"}
 
     # resume: nothing to embed; a deleted shard output is rebuilt identically, alone
     cfg = config.curation

@@ -3,6 +3,9 @@
 Chosen samples keep their key, image, class and other fields and get a new dense ``idx`` 0..M-1 in
 source order. One Ray task writes each output shard (reading only the source shards that hold its
 samples); every shard is written atomically and the manifest last, so the set is complete or absent.
+A set already at the output (an earlier curation) is replaced as ``shards write --overwrite``
+replaces one: the new generation's shards go beside the old ones under new names, the manifest is
+swapped, then the old shards are deleted, so a reader never sees the two mixed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ import numpy as np
 
 from ray_ssl.config import StorageConfig
 from ray_ssl.curation.errors import CurationError
-from ray_ssl.data.shards import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, iter_shard
+from ray_ssl.data.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    existing_manifest,
+    iter_shard,
+    remove_shards,
+    shard_name,
+)
 from ray_ssl.data.tario import TarSample, write_tar
 from ray_ssl.storage import atomic_write, pin_endpoint, resolve, write_bytes_atomic
 
@@ -67,24 +78,34 @@ def write_curated_shards(
     firsts = np.array([s.first_idx for s in manifest.shards], np.int64)
     write = ray.remote(_write_shard)
     pinned = pin_endpoint(storage)
+    loc = resolve(out_uri, storage)
+    previous = existing_manifest(loc)
+    generation = previous.generation + 1 if previous is not None else 0
+    names = [shard_name(generation, n) for n in range(-(-len(chosen) // samples_per_shard))]
     pending = []
-    for number, start in enumerate(range(0, len(chosen), samples_per_shard)):
+    for name, start in zip(names, range(0, len(chosen), samples_per_shard), strict=True):
         wanted = chosen[start : start + samples_per_shard]
         holders = np.unique(np.searchsorted(firsts, wanted, side="right") - 1)
         sources = [manifest.shards[i] for i in holders]
-        name = SHARD_PATTERN.format(number)
         pending.append(write.remote(source_uri, sources, wanted, start, out_uri, name, pinned))
-    shards = ray.get(pending)
-    curated = Manifest(
-        count=len(chosen),
-        classes=manifest.classes,
-        shards=shards,
-        source=f"{CURATED_SOURCE} from {manifest.source} at {source_uri}",
-        requested_source=CURATED_SOURCE,
-        split=manifest.split,
-        image_format=manifest.image_format,
-        channels=manifest.channels,
-    )
-    write_bytes_atomic(resolve(out_uri, storage).join(MANIFEST_NAME), curated.to_json())
+    try:
+        shards = ray.get(pending)
+        curated = Manifest(
+            count=len(chosen),
+            classes=manifest.classes,
+            shards=shards,
+            source=f"{CURATED_SOURCE} from {manifest.source} at {source_uri}",
+            requested_source=CURATED_SOURCE,
+            split=manifest.split,
+            image_format=manifest.image_format,
+            channels=manifest.channels,
+            generation=generation,
+        )
+        write_bytes_atomic(loc.join(MANIFEST_NAME), curated.to_json())  # the swap
+    except BaseException:
+        remove_shards(loc, names)
+        raise
+    if previous is not None:
+        remove_shards(loc, sorted({s.name for s in previous.shards} - set(names)))
     log.info("wrote %d curated samples in %d shards to %s", len(chosen), len(shards), out_uri)
     return {"uri": out_uri, "count": len(chosen), "shards": len(shards)}

@@ -119,7 +119,8 @@ def shard_name(generation: int, number: int) -> str:
     return f"g{generation:03d}-{name}" if generation else name
 
 
-def _remove(loc: Location, names: list[str]) -> None:
+def remove_shards(loc: Location, names: list[str]) -> None:
+    """Delete the named files under ``loc``, best effort (a leftover complete shard is harmless)."""
     for name in names:
         target = loc.join(name)
         try:
@@ -129,7 +130,8 @@ def _remove(loc: Location, names: list[str]) -> None:
             log.warning("could not remove %s: %s", target.uri, err)
 
 
-def _existing_manifest(loc: Location) -> Manifest | None:
+def existing_manifest(loc: Location) -> Manifest | None:
+    """The valid manifest at ``loc``, or None when there is none (or it does not parse)."""
     try:
         return Manifest.from_json(read_bytes(loc.join(MANIFEST_NAME)), loc.uri)
     except (FileNotFoundError, ShardError):
@@ -149,7 +151,7 @@ def write_shard_set(
         raise ShardError(f"shards.samples_per_shard={cfg.samples_per_shard} must be >= 1")
     loc = resolve(out_uri, storage)
     check_reachable(loc, storage)
-    previous = _existing_manifest(loc)
+    previous = existing_manifest(loc)
     if previous is not None and not overwrite:
         raise ShardError(
             f"{out_uri} already holds a shard set ({previous.count} samples of "
@@ -185,10 +187,10 @@ def write_shard_set(
         )
         write_bytes_atomic(loc.join(MANIFEST_NAME), manifest.to_json())  # the swap
     except BaseException:
-        _remove(loc, [s.name for s in written])
+        remove_shards(loc, [s.name for s in written])
         raise
     if previous is not None:
-        _remove(loc, sorted({s.name for s in previous.shards} - {s.name for s in written}))
+        remove_shards(loc, sorted({s.name for s in previous.shards} - {s.name for s in written}))
     if manifest.source != cfg.source:
         log.warning("shard set %s holds '%s', not '%s'", out_uri, manifest.source, cfg.source)
     log.info("wrote %d samples in %d shards to %s", manifest.count, len(written), out_uri)
