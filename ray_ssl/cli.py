@@ -20,25 +20,6 @@ log = logging.getLogger("ray_ssl")
 EXIT_BAD_INPUT = 2
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Options and positionals in any order, so that overrides may follow the options
-    (``ray-ssl eval EXPORT --data URI key=value``); plain argparse ends a subcommand's positionals
-    at its first option."""
-
-    _parsing = False
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._parsing:  # parse_known_intermixed_args calls back here for its two passes
-            return super().parse_known_args(args, namespace)
-        self._parsing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._parsing = False
-
-
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "local") -> None:
     parser.add_argument("--preset", default=default_preset, help="preset name or YAML path")
     parser.add_argument(
@@ -80,15 +61,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_rasa(args: argparse.Namespace) -> None:
     from ray_ssl.train.rasa_job import run_rasa
 
-    # argparse leaves overrides that follow an option to that option (nargs="+"): collect them.
-    (data, *after_data), (eval_data, *after_eval) = args.data, args.eval_data or ["null"]
-    overrides = [
-        f"data.uri={data}",
-        f"data.eval_uri={eval_data}",
-        *args.overrides,
-        *after_data,
-        *after_eval,
-    ]
+    eval_data = args.eval_data or "null"
+    overrides = [f"data.uri={args.data}", f"data.eval_uri={eval_data}", *args.overrides]
     outcome = run_rasa(args.export, load_config(args.preset, overrides))
     mse, knn = outcome.report["position_mse"], outcome.report["knn"]
     print(f"position MSE {mse['before']:.5f} -> {mse['after']:.5f} (chance {mse['chance']:.5f})")
@@ -204,17 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         "rasa", help="fit RASA (remove absolute position) for an exported backbone"
     )
     rasa.add_argument("export", help="export directory or .safetensors file of a training run")
-    rasa.add_argument(
-        "--data",
-        required=True,
-        nargs="+",
-        metavar=("URI", "key.sub=value"),
-        help="shard set URI to fit on",
-    )
+    rasa.add_argument("--data", required=True, metavar="URI", help="shard set URI to fit on")
     rasa.add_argument(
         "--eval-data",
-        nargs="+",
-        metavar=("URI", "key.sub=value"),
+        metavar="URI",
         help="labelled held-out shard set (default: a split of --data)",
     )
     _add_config_args(rasa)
@@ -223,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval", help="kNN, linear probe (Ray Train) and PCA pictures of an exported backbone"
     )
-    evaluate.__class__ = _IntermixedParser
     evaluate.add_argument(
         "export", help="exported backbone: a .safetensors file (JSON sidecar beside it) or its dir"
     )
@@ -275,22 +241,41 @@ def looks_like_override(token: str) -> bool:
     return bool(eq) and not token.startswith("-") and "." in key
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings that take no value, in ``parser`` and all its subcommands."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if action.option_strings and action.nargs == 0:
+            found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _flags(sub)
+    return found
+
+
 def parse_with_overrides(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> argparse.Namespace:
-    """Parse ``argv``, accepting ``key.sub=value`` overrides anywhere among the options.
+    """Parse ``argv``, accepting ``key.sub=value`` overrides anywhere among the other arguments.
 
     argparse fills a ``nargs="*"`` positional from one run of positional tokens only, so an
-    override after an option (``shards write --out X key=value``) would be "unrecognized"; such
-    leftovers are appended to ``overrides`` in order and anything else is still an error.
+    override after an option (``shards write --out X key=value``) or before a positional
+    (``eval key=value --data D EXPORT``) would be "unrecognized" or taken for the positional.
+    So every override-shaped token that is not the value of the option before it is taken out
+    first, in order, and the rest is parsed strictly.
     """
-    args, extra = parser.parse_known_args(argv)
-    takes_overrides = hasattr(args, "overrides")
-    stray = [t for t in extra if not (takes_overrides and looks_like_override(t))]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    flags = _flags(parser)
+    overrides, rest = [], []
+    for i, token in enumerate(tokens):
+        before = tokens[i - 1] if i else ""
+        is_value = before.startswith("-") and "=" not in before and before not in flags
+        (overrides if looks_like_override(token) and not is_value else rest).append(token)
+    args = parser.parse_args(rest)
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     return args
 
 
