@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,18 @@ def test_two_workers_zero2_zero3_match_one_worker(ray_local: None, tmp_path: Any
         assert run["losses"] == pytest.approx(expected, rel=LOSS_RTOL), stage
     assert distributed["zero3"]["partitioned"]
     assert distributed["zero3"]["ema_max_err"] < EMA_ATOL
+
+
+def test_the_installed_ninja_comes_first_so_deepspeeds_op_builds_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A system ninja of another version first on PATH rebuilds DeepSpeed's CPU op every run."""
+    from ray_ssl.train.engine import prefer_installed_ninja
+
+    bin_dir = str(Path(sys.executable).parent)
+    if not (Path(bin_dir) / "ninja").is_file():
+        pytest.skip("no pip ninja beside this interpreter")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    prefer_installed_ninja()
+    prefer_installed_ninja()  # idempotent: not added twice
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"

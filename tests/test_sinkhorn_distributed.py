@@ -141,7 +141,9 @@ def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    from ray_ssl.train.engine import ensure_distributed
+
+    ensure_distributed(use_gpu=False)
     ds_config = {"train_batch_size": WORLD, "zero_optimization": {"stage": 3}}
     _check_ema_on_partitions(deepspeed, ds_config)
     _check_franca_steps(deepspeed, ds_config, out_dir)

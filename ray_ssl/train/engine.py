@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +76,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def prefer_installed_ninja() -> None:
+    """Put this interpreter's ``bin`` (the pip ``ninja`` DeepSpeed depends on) first on PATH.
+
+    On CPU DeepSpeed JIT-builds its shared-memory all-reduce op into one cache per user. ninja
+    1.13 (pip) and an older system ninja record the build commands under different hashes in that
+    cache's log, so processes that alternate between the two rebuild the op every time: 60-300 s
+    per process start on 2 cores, measured. One ninja for every process builds it once.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
 def ensure_distributed(use_gpu: bool) -> None:
     """Reuse the process group Ray Train set up; else start a one-process group (tests, bench)."""
+    prefer_installed_ninja()  # before DeepSpeed's backend builds its CPU op
     import deepspeed
 
     if not torch.distributed.is_initialized():
