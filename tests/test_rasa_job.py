@@ -74,9 +74,10 @@ def test_rasa_command_writes_the_basis_and_the_report(
     assert mse["chance"] == pytest.approx(chance_position_mse(GRID))
     assert mse["least_squares_before"] < 0.1 * mse["chance"]  # a fresh ViT encodes position
     assert mse["before"] > 0 and mse["least_squares_after"] > 0
+    assert mse["probe"].startswith("round-1 regressor")
     assert mse["after_vs_chance"] == pytest.approx(mse["after"] / mse["chance"])
     assert report["grid"] == GRID and len(report["round_losses"]) == ROUNDS
-    assert report["samples_seen"] == ROUNDS * 2 * 3 * 16
+    assert report["samples_seen"] == (ROUNDS + 1) * 2 * 3 * 16  # T rounds and the probe round
     assert 0 <= report["knn"]["before"] <= 1 and 0 <= report["knn"]["after"] <= 1
     assert -1 <= report["pos_embed_cosine"]["removed"] <= 1
     assert report["basis"] == str(workspace / "export" / "teacher_backbone.rasa.safetensors")

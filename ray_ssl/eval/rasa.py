@@ -139,29 +139,62 @@ def train_position_regressor(
 
 @dataclass
 class RasaFit:
-    """The basis Q [2T, D] and the final training loss of every round."""
+    """The basis Q [2T, D], the final training loss of every round, and round 1's regressor
+    (trained on the raw tokens: the "before" probe)."""
 
     basis: torch.Tensor
+    first_regressor: PositionRegressor
     round_losses: list[float] = field(default_factory=list)
+
+
+def debiased_batches(next_tokens: TokenSource, basis: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Batches of ``next_tokens`` with the span of ``basis`` [k, D] removed, forever."""
+    while True:
+        tokens = next_tokens().float()
+        yield remove_subspace(tokens, basis.to(tokens.device))
 
 
 def fit_rasa(next_tokens: TokenSource, dim: int, steps_per_round: int, cfg: RasaConfig) -> RasaFit:
     """Fit ``cfg.rounds`` planes on raw patch tokens from ``next_tokens`` (one call per step)."""
+    if cfg.rounds < 1:
+        raise ValueError(f"RASA needs >= 1 round, got {cfg.rounds}")
     basis = torch.zeros(0, dim)
     losses: list[float] = []
-
-    def debiased() -> Iterator[torch.Tensor]:
-        while True:
-            tokens = next_tokens().float()
-            yield remove_subspace(tokens, basis.to(tokens.device))
-
+    first: PositionRegressor | None = None
     for round_index in range(cfg.rounds):
-        regressor, loss = train_position_regressor(debiased(), steps_per_round, dim, cfg)
+        batches = debiased_batches(next_tokens, basis)
+        regressor, loss = train_position_regressor(batches, steps_per_round, dim, cfg)
+        first = first or regressor
         plane = regressor.linear.weight.detach().float().cpu()
         basis = orthonormalize(torch.cat((basis, plane)))
         losses.append(loss)
         log.info("RASA round %d/%d: position MSE %.5f", round_index + 1, cfg.rounds, loss)
-    return RasaFit(basis, losses)
+    assert first is not None  # rounds >= 1
+    return RasaFit(basis, first, losses)
+
+
+def train_next_round_probe(
+    next_tokens: TokenSource, basis: torch.Tensor, steps: int, cfg: RasaConfig
+) -> PositionRegressor:
+    """Round T+1: a fresh regressor trained exactly as a round, on the same token source with all
+    of Q removed. Its held-out MSE is the "after" score, as the reference scores every round by
+    its own regressor on validation images (valeoai/Franca rasa.py ``validation_step``, Eval 1)."""
+    regressor, loss = train_position_regressor(
+        debiased_batches(next_tokens, basis), steps, basis.shape[1], cfg
+    )
+    log.info("RASA probe (round %d): position MSE %.5f", basis.shape[0] // 2 + 1, loss)
+    return regressor
+
+
+@torch.no_grad()
+def held_out_position_mse(
+    regressor: nn.Module, tokens: torch.Tensor, basis: torch.Tensor | None = None
+) -> float:
+    """MSE of a trained ``regressor`` on held-out tokens [M, N, D], with ``basis`` removed first."""
+    tokens = tokens.float()
+    if basis is not None:
+        tokens = remove_subspace(tokens, basis.to(tokens.device))
+    return float(position_mse(regressor, tokens))
 
 
 def shuffled_batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -171,17 +204,6 @@ def shuffled_batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterat
         order = torch.randperm(len(tokens), generator=generator)
         for start in range(0, len(tokens), batch_size):
             yield tokens[order[start : start + batch_size]]
-
-
-def probe_position_mse(
-    train_tokens: torch.Tensor, test_tokens: torch.Tensor, steps: int, cfg: RasaConfig
-) -> float:
-    """Test MSE of a fresh regressor trained as one RASA round (``steps`` batches drawn from the
-    train tokens [M, N, D]) on held-out tokens: how much position a new probe still finds."""
-    batches = shuffled_batches(train_tokens, cfg.batch_size, cfg.seed)
-    regressor, _ = train_position_regressor(batches, steps, train_tokens.shape[-1], cfg)
-    with torch.no_grad():
-        return float(position_mse(regressor, test_tokens.float()))
 
 
 def least_squares_position_mse(train_tokens: torch.Tensor, test_tokens: torch.Tensor) -> float:

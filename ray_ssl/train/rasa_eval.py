@@ -20,8 +20,8 @@ from ray_ssl.eval.errors import RasaError
 from ray_ssl.eval.knn import weighted_knn_accuracy
 from ray_ssl.eval.rasa import (
     chance_position_mse,
+    held_out_position_mse,
     least_squares_position_mse,
-    probe_position_mse,
     remove_subspace,
     removed_cosine,
 )
@@ -61,12 +61,10 @@ class RasaEvaluator:
         config: Config,
         export: ExportInfo,
         num_classes: int,
-        probe_steps: int,
         device: torch.device,
     ):
         e, size = config.eval, export.img_size
         self.cfg, self.grid, self.device = config.rasa, export.grid, device
-        self.probe_steps = probe_steps
         self.batch_size = e.feature_batch_size
         self.knn_k, self.knn_temperature = e.knn_k, e.knn_temperature
         self.num_classes = num_classes
@@ -115,14 +113,21 @@ class RasaEvaluator:
             self.knn_temperature,
         )
 
-    def report(self, backbone: nn.Module, basis: torch.Tensor) -> dict[str, Any]:
-        """Position MSE, positional-embedding cosine and kNN, before and after removing Q."""
+    def report(
+        self, backbone: nn.Module, basis: torch.Tensor, before: nn.Module, after: nn.Module
+    ) -> dict[str, Any]:
+        """Position MSE, positional-embedding cosine and kNN, before and after removing Q.
+
+        ``before`` is round 1's regressor, ``after`` the regressor of a round T+1 trained on the
+        tokens with Q removed; both are scored on the held-out images (the reference's Eval 1).
+        The closed-form affine probe is fitted on the first ``rasa.probe_images`` training images.
+        """
         train_cls, train_mean, train_tokens = self._features(backbone, self.train[0])
         test_cls, test_mean, test_tokens = self._features(backbone, self.test[0])
         train_after, test_after = (remove_subspace(t, basis) for t in (train_tokens, test_tokens))
         chance = chance_position_mse(self.grid)
-        before = probe_position_mse(train_tokens, test_tokens, self.probe_steps, self.cfg)
-        after = probe_position_mse(train_after, test_after, self.probe_steps, self.cfg)
+        before_mse = held_out_position_mse(before.cpu(), test_tokens)
+        after_mse = held_out_position_mse(after.cpu(), test_tokens, basis)
         num_patches = self.grid * self.grid
         pos_embed = backbone.pos_embed.detach().float().cpu()[0, -num_patches:]
         cos_removed, cos_kept = removed_cosine(test_tokens, basis, pos_embed)
@@ -136,10 +141,11 @@ class RasaEvaluator:
             "probe_images": [len(train_tokens), len(test_tokens)],
             "position_mse": {
                 "chance": chance,
-                "before": before,
-                "after": after,
-                "before_vs_chance": before / chance,
-                "after_vs_chance": after / chance,
+                "probe": "round-1 regressor / round-T+1 regressor on held-out images",
+                "before": before_mse,
+                "after": after_mse,
+                "before_vs_chance": before_mse / chance,
+                "after_vs_chance": after_mse / chance,
                 "least_squares_before": least_squares_position_mse(train_tokens, test_tokens),
                 "least_squares_after": least_squares_position_mse(train_after, test_after),
             },
@@ -159,8 +165,8 @@ class RasaEvaluator:
             }
         log.info(
             "RASA report: position MSE %.5f -> %.5f (chance %.5f); kNN %s",
-            before,
-            after,
+            before_mse,
+            after_mse,
             chance,
             report["knn"],
         )

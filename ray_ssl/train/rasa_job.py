@@ -7,9 +7,11 @@ pass), feeds the backbone's final-norm patch tokens to :func:`~ray_ssl.eval.rasa
 evaluates, and reports the basis and the report as a checkpoint. The driver writes both beside
 the export: ``<export>.rasa.safetensors`` and ``<export>.rasa.json``.
 
-The report compares, before and after removing Q, on held-out images: the test MSE of a fresh
-position regressor (the paper's probe, and a closed-form affine one) against chance, the cosine
-of the removed component to the positional embedding, and weighted kNN on mean patch tokens.
+The report compares, before and after removing Q, on held-out images: the MSE of round 1's
+position regressor and of a round T+1 regressor trained the same way on the debiased tokens (the
+reference scores each round by its regressor on validation images), and of a closed-form affine
+probe, against chance; the cosine of the removed component to the positional embedding; and
+weighted kNN on mean patch tokens.
 """
 
 from __future__ import annotations
@@ -219,7 +221,12 @@ def rasa_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from ray_ssl.eval.rasa import fit_rasa, save_rasa_basis, shuffled_batches
+    from ray_ssl.eval.rasa import (
+        fit_rasa,
+        save_rasa_basis,
+        shuffled_batches,
+        train_next_round_probe,
+    )
     from ray_ssl.train.batches import PassStream
     from ray_ssl.train.loop import configure_logging
     from ray_ssl.train.rasa_eval import RasaEvaluator, frozen_backbone, patch_tokens
@@ -246,8 +253,9 @@ def rasa_loop_per_worker(loop_config: dict[str, Any]) -> None:
         source = shuffled_batches(cached, cfg.batch_size, cfg.seed).__next__
     fit = fit_rasa(source, backbone.num_features, steps_per_round, cfg)
     fit_seconds = time.perf_counter() - started
-    evaluator = RasaEvaluator(config, export, loop_config["num_classes"], steps_per_round, device)
-    report = evaluator.report(backbone, fit.basis)
+    probe = train_next_round_probe(source, fit.basis, steps_per_round, cfg)
+    evaluator = RasaEvaluator(config, export, loop_config["num_classes"], device)
+    report = evaluator.report(backbone, fit.basis, fit.first_regressor, probe)
     report.update(
         round_losses=fit.round_losses,
         steps_per_round=steps_per_round,
