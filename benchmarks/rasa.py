@@ -119,6 +119,7 @@ def main() -> None:
     from ray_ssl.train.rasa_job import run_rasa
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ray-ssl-bench-rasa-"))
+    launched = time.perf_counter()
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
     if args.export:
@@ -142,7 +143,8 @@ def main() -> None:
     mse, knn, cosine = report["position_mse"], report["knn"], report["pos_embed_cosine"]
     print(f"export {report['export']}; grid {report['grid']}x{report['grid']}, D={report['dim']}")
     print(
-        f"time: data + Franca export {trained - started:.1f} s, RASA job {finished - trained:.1f} s"
+        f"time: Ray start {started - launched:.1f} s, data + Franca export {trained - started:.1f}"
+        f" s, RASA job {finished - trained:.1f} s"
         f" (fit {report['fit_seconds']:.1f} s, {report['config']['rasa']['rounds']} rounds x "
         f"{report['steps_per_round']} steps)"
     )
