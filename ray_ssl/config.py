@@ -210,7 +210,7 @@ class RasaConfig:
     # (the reference draws new views each epoch; this saves rounds x epochs - 1 forward passes;
     # it holds steps_per_epoch x batch_size x patches x D floats in the worker's memory).
     cache_tokens: bool = False
-    probe_images: int = 1000  # images whose patch tokens train / test the fresh position probe
+    probe_images: int = 1000  # images whose patch tokens fit / test the closed-form affine probe
     seed: int = 0
 
 
