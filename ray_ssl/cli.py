@@ -7,6 +7,7 @@ to the module that does the work; errors in input become one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -36,9 +37,14 @@ def _cmd_shards_write(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, f"shards.source={args.source}", f"shards.split={args.split}"]
     if args.samples_per_shard is not None:
         overrides.append(f"shards.samples_per_shard={args.samples_per_shard}")
+    if args.pairs is not None:
+        overrides.append(f"shards.pairs={args.pairs}")
+    if args.pairs_file is not None:
+        overrides.append(f"shards.pairs_file={json.dumps(args.pairs_file)}")  # a string, verbatim
     config = load_config(args.preset, overrides)
     manifest = write_shard_set(config.shards, args.out, config.storage, args.overwrite)
-    print(f"wrote {manifest.count} samples in {len(manifest.shards)} shards to {args.out}")
+    paired = f" with semantic pairs ({manifest.pairs})" if manifest.pairs else ""
+    print(f"wrote {manifest.count} samples in {len(manifest.shards)} shards to {args.out}{paired}")
 
 
 def _cmd_shards_inspect(args: argparse.Namespace) -> None:
@@ -156,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace a shard set already at --out (the old one stays valid until the new one is)",
+    )
+    pairs = write.add_mutually_exclusive_group()
+    pairs.add_argument(
+        "--pairs",
+        choices=["none", "same-class"],
+        default=None,
+        help="give every sample a semantic partner: another image of its class (seeded by "
+        "shards.seed), stored inside the sample (arXiv 2510.08722)",
+    )
+    pairs.add_argument(
+        "--pairs-file",
+        default=None,
+        metavar="CSV",
+        help="semantic partners as key,partner_key rows (header optional), one per sample",
     )
     _add_config_args(write)
     write.set_defaults(func=_cmd_shards_write)

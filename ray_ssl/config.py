@@ -63,7 +63,11 @@ class ShardsConfig:
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     synthetic_count: int = 1000
     synthetic_size: int = 64
-    seed: int = 0
+    seed: int = 0  # synthetic images and same-class partners
+    # Semantic partners (arXiv 2510.08722) written into every sample: none, another image of its
+    # class drawn from the labels (same-class), or those of pairs_file (key,partner_key rows).
+    pairs: Literal["none", "same-class"] = "none"
+    pairs_file: str | None = None
 
 
 @dataclass
@@ -89,6 +93,10 @@ class ViewConfig:
     mask_sample_p: float = 0.5  # exactly int(p x global crops of a batch) are masked (Franca)
     patch_size: int = 14
     channels: int = 3
+    # Positive pairs of a pair view: two augmentations of one image (augment), two images of one
+    # class (semantic: the set's partners, arXiv 2510.08722), or the partner with p=semantic_p.
+    positives: Literal["augment", "semantic", "mixed"] = "augment"
+    semantic_p: float = 0.5
 
 
 @dataclass
@@ -589,6 +597,16 @@ def validate(config: Config) -> None:
         config.optim.name != "lars" or t.zero_stage == 0,
         f"optim.name=lars needs whole parameters, but train.zero_stage={t.zero_stage} flattens "
         "them into partitions; set train.zero_stage=0",
+    )
+    _require(
+        v.positives == "augment" or v.kind == "pair",
+        f"views.positives={v.positives} needs views.kind=pair (got {v.kind}); set views.kind=pair "
+        "or views.positives=augment",
+    )
+    _require(0.0 <= v.semantic_p <= 1.0, f"views.semantic_p={v.semantic_p} must be within [0, 1]")
+    _require(
+        config.shards.pairs == "none" or config.shards.pairs_file is None,
+        "shards.pairs=same-class and shards.pairs_file both choose partners; set only one",
     )
     lo, hi = v.mask_ratio
     _require(0.0 <= lo <= hi < 1.0, f"views.mask_ratio={list(v.mask_ratio)} must be 0<=lo<=hi<1")

@@ -33,6 +33,7 @@ PATH_KEYS = (
     "curation.output_uri",
     "curation.backbone_export",
     "shards.fashion_mnist_dir",
+    "shards.pairs_file",
 )
 FOLDER_SOURCE = "folder:"  # shards.source=folder:PATH
 

@@ -8,7 +8,10 @@ with each execution of the dataset, which is how Ray Train workers re-iterate it
 Unusable samples (``ray_ssl.data.checks``: truncated tar, missing fields, idx outside the
 shard's range, more samples than the manifest lists) become ``corrupt`` rows whose ``problem``
 says which shard, key and why, so that the consumer can count them against
-``data.max_corrupt_fraction`` instead of failing.
+``data.max_corrupt_fraction`` instead of failing. For semantic positives (``with_pairs``) the rows
+also carry ``pair_idx`` and ``pair_image`` (the partner's idx and encoded bytes), and a sample
+without a usable partner is corrupt; otherwise those are -1 and empty, and partner bytes are
+never copied into blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 
 from ray_ssl.config import StorageConfig
-from ray_ssl.data.checks import MISSING, UNKNOWN_LABEL, describe, sample_label, sample_problem
+from ray_ssl.data.checks import (
+    MISSING,
+    NO_PAIR,
+    UNKNOWN_LABEL,
+    describe,
+    partner_fields,
+    partner_problem,
+    sample_label,
+    sample_problem,
+)
 from ray_ssl.data.shards import Manifest, ShardInfo, iter_shard
 from ray_ssl.data.tario import TruncatedShardError
 from ray_ssl.storage import resolve
@@ -45,6 +57,8 @@ RAW_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("problem", pa.string()),  # "" for a good row; else shard:key (kind: detail)
         ("shard", pa.string()),  # file name of the row's shard
+        ("pair_idx", pa.int64()),  # idx of the semantic partner; NO_PAIR when not read
+        ("pair_image", pa.binary()),  # the partner's encoded image; empty when not read
     ]
 )
 
@@ -67,14 +81,23 @@ class _Rows:
         self.columns: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
         self.nbytes = 0
 
-    def add(self, key: str, idx: int, label: int, image: bytes, seed: int) -> None:
-        values = (key, idx, label, image, False, seed, "", self.shard)
+    def add(
+        self,
+        key: str,
+        idx: int,
+        label: int,
+        image: bytes,
+        seed: int,
+        pair_idx: int = NO_PAIR,
+        pair_image: bytes = b"",
+    ) -> None:
+        values = (key, idx, label, image, False, seed, "", self.shard, pair_idx, pair_image)
         for name, value in zip(RAW_SCHEMA.names, values, strict=True):
             self.columns[name].append(value)
-        self.nbytes += len(image) + len(key) + 32
+        self.nbytes += len(image) + len(pair_image) + len(key) + 40
 
     def add_corrupt(self, key: str, seed: int, problem: str) -> None:
-        values = (key, -1, UNKNOWN_LABEL, b"", True, seed, problem, self.shard)
+        values = (key, -1, UNKNOWN_LABEL, b"", True, seed, problem, self.shard, NO_PAIR, b"")
         for name, value in zip(RAW_SCHEMA.names, values, strict=True):
             self.columns[name].append(value)
         self.nbytes += len(key) + len(problem) + 32
@@ -88,10 +111,16 @@ class _Rows:
 
 
 def read_shard_rows(
-    shard_uri: str, info: ShardInfo, storage: StorageConfig, seed: int | None, num_classes: int = 0
+    shard_uri: str,
+    info: ShardInfo,
+    storage: StorageConfig,
+    seed: int | None,
+    num_classes: int = 0,
+    pairs_of: int | None = None,
 ) -> Iterator[pa.Table]:
     """Blocks of raw rows of one shard; unusable samples and the samples a truncated shard lacks
-    come back corrupt (see ``ray_ssl.data.checks``); ``num_classes`` bounds valid labels."""
+    come back corrupt (see ``ray_ssl.data.checks``); ``num_classes`` bounds valid labels. With
+    ``pairs_of`` (the paired set's sample count) the rows carry their semantic partners."""
     rows = _Rows(info.name)
     aug_seed = 0 if seed is None else seed
     found = 0
@@ -99,10 +128,17 @@ def read_shard_rows(
     try:
         for sample in iter_shard(resolve(shard_uri, storage)):
             problem = sample_problem(sample, info, found)
+            if problem is None and pairs_of is not None:
+                problem = partner_problem(sample, pairs_of)
             found += 1
             if problem is None:
                 label = sample_label(sample, num_classes)
-                rows.add(sample.key, sample.int_field("idx"), label, sample.image, aug_seed)
+                idx = sample.int_field("idx")
+                if pairs_of is None:
+                    rows.add(sample.key, idx, label, sample.image, aug_seed)
+                else:
+                    pair_idx, pair_image = partner_fields(sample)
+                    rows.add(sample.key, idx, label, sample.image, aug_seed, pair_idx, pair_image)
             else:
                 rows.add_corrupt(sample.key, aug_seed, describe(info.name, sample.key, *problem))
             if rows.nbytes >= TARGET_BLOCK_BYTES or len(rows) >= MAX_BLOCK_ROWS:
@@ -127,15 +163,21 @@ def _finish(rows: _Rows, seed: int | None, salt: int) -> pa.Table:
 
 
 def _read_shards(
-    uri: str, shards: list[ShardInfo], storage: StorageConfig, seed: int | None, num_classes: int
+    uri: str,
+    shards: list[ShardInfo],
+    storage: StorageConfig,
+    seed: int | None,
+    num_classes: int,
+    pairs_of: int | None,
 ) -> Iterator[pa.Table]:
     for info in shards:
         shard_uri = f"{uri.rstrip('/')}/{info.name}"
-        yield from read_shard_rows(shard_uri, info, storage, seed, num_classes)
+        yield from read_shard_rows(shard_uri, info, storage, seed, num_classes, pairs_of)
 
 
 class ShardSetDatasource(Datasource):
-    """Read tasks over the shards a manifest lists, in a per-epoch shuffled order."""
+    """Read tasks over the shards a manifest lists, in a per-epoch shuffled order; with
+    ``with_pairs`` the rows carry their semantic partners (the set must have them)."""
 
     def __init__(
         self,
@@ -144,10 +186,11 @@ class ShardSetDatasource(Datasource):
         storage: StorageConfig,
         shuffle_seed: int | None = None,
         epoch: int = 0,
+        with_pairs: bool = False,
     ):
         super().__init__()
         self.uri, self.manifest, self.storage = uri, manifest, storage
-        self.shuffle_seed, self.epoch = shuffle_seed, epoch
+        self.shuffle_seed, self.epoch, self.with_pairs = shuffle_seed, epoch, with_pairs
 
     def get_name(self) -> str:
         return "ReadShardSet"
@@ -183,8 +226,10 @@ class ShardSetDatasource(Datasource):
                 input_files=[f"{self.uri.rstrip('/')}/{s.name}" for s in members],
                 exec_stats=None,
             )
+            pairs_of = self.manifest.count if self.with_pairs else None
             read = functools.partial(
-                _read_shards, self.uri, members, self.storage, seed, len(self.manifest.classes)
-            )
+                _read_shards, self.uri, members, self.storage, seed, len(self.manifest.classes),
+                pairs_of,
+            )  # fmt: skip
             tasks.append(ReadTask(read, metadata, RAW_SCHEMA, per_task_row_limit))
         return tasks

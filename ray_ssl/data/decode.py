@@ -2,6 +2,10 @@
 
 They run inside Ray Data tasks and import no torch. Rows whose image does not decode are flagged
 ``corrupt`` with their ``problem`` (training views) or dropped (decoded samples), never fatal.
+With semantic positives (``views.positives`` semantic or mixed) every row's partner image is
+decoded too (a partner that does not decode makes its row corrupt, whether or not the pair uses
+it), and the output's ``pair_idx`` names the image the second view shows (the row's own idx for
+an augmentation pair).
 """
 
 from __future__ import annotations
@@ -14,22 +18,31 @@ from ray_ssl.config import ViewConfig
 from ray_ssl.data.checks import (
     IDX_OUT_OF_RANGE,
     NO_IMAGE_OR_IDX,
+    NO_PAIR,
     UNDECODABLE,
+    UNDECODABLE_PARTNER,
     UNKNOWN_LABEL,
     describe,
+    partner_fields,
+    partner_problem,
 )
-from ray_ssl.data.views import CorruptImageError, ViewBuilder, decode_image
+from ray_ssl.data.tario import TarSample
+from ray_ssl.data.views import CorruptImageError, ViewBuilder, decode_image, uses_partner
 
 ShardRanges = dict[str, tuple[int, int]]  # shard file name -> (first idx, sample count)
 
 log = logging.getLogger(__name__)
 
 
+PARTNER_COLUMNS = ("pair.idx", "pair.png", "pair.jpg")  # read_webdataset's partner columns
+
+
 def _webdataset_to_raw(
-    batch: dict[str, np.ndarray], shard_ranges: ShardRanges, num_classes: int
+    batch: dict[str, np.ndarray], shard_ranges: ShardRanges, num_classes: int, with_pairs: bool
 ) -> dict[str, np.ndarray]:
     """Rows of ``ray.data.read_webdataset(decoder=None)`` -> the raw-row columns of our reader;
-    a row without image or integer idx, or with an idx outside its shard's range, is corrupt."""
+    a row without image or integer idx, or with an idx outside its shard's range, is corrupt, and
+    so is one without a usable partner ``with_pairs``."""
     n = len(batch["__key__"])
 
     def column(name: str) -> np.ndarray:
@@ -60,6 +73,18 @@ def _webdataset_to_raw(
             label[i] = UNKNOWN_LABEL
         if label[i] < 0 or (num_classes and label[i] >= num_classes):
             label[i] = UNKNOWN_LABEL
+    pair_idx, pair_image = np.full(n, NO_PAIR, np.int64), np.full(n, b"", dtype=object)
+    for i in range(n) if with_pairs else ():
+        fields = {name: column(name)[i] for name in ("idx", *PARTNER_COLUMNS)}
+        present = {k: v for k, v in fields.items() if isinstance(v, bytes)}  # absent: None/NaN
+        sample = TarSample(str(batch["__key__"][i]), present)
+        missing = partner_problem(sample, whole_set[1])
+        if missing is not None and not problem[i]:
+            problem[i] = describe(
+                str(column("__url__")[i]).rsplit("/", 1)[-1], sample.key, *missing
+            )
+        elif missing is None:
+            pair_idx[i], pair_image[i] = partner_fields(sample)
     return {
         "key": batch["__key__"],
         "idx": idx,
@@ -69,6 +94,8 @@ def _webdataset_to_raw(
         "seed": np.full(n, -1, np.int64),  # no epoch seed: fresh entropy per sample
         "problem": problem,
         "shard": np.array([str(u).rsplit("/", 1)[-1] for u in column("__url__")], dtype=object),
+        "pair_idx": pair_idx,
+        "pair_image": pair_image,
     }
 
 
@@ -79,31 +106,45 @@ def build_views_batch(
     num_classes: int = 0,
 ) -> dict[str, np.ndarray]:
     """Raw rows -> decoded, augmented views; rows that fail to decode are flagged ``corrupt``
-    with their ``problem``. Rows of ``read_webdataset`` are checked against ``shard_ranges``."""
+    with their ``problem``. Rows of ``read_webdataset`` are checked against ``shard_ranges``.
+    With semantic positives the second crop of a pair is cut from the row's partner (always, or
+    with p = ``views.semantic_p``) and ``pair_idx`` says which image it shows."""
+    semantic = views.positives != "augment"
     if "__key__" in batch:
-        batch = _webdataset_to_raw(batch, shard_ranges or {}, num_classes)
+        batch = _webdataset_to_raw(batch, shard_ranges or {}, num_classes, semantic)
     builder = ViewBuilder(views)
     corrupt = np.asarray(batch["corrupt"], dtype=bool).copy()
     n = len(corrupt)
     problem = np.array(batch["problem"] if "problem" in batch else [""] * n, dtype=object)
+    shown = np.asarray(batch["idx"], np.int64).copy()  # the image each second view is cut from
     outputs = []
     for i, (data, idx, seed) in enumerate(
         zip(batch["image"], batch["idx"], batch["seed"], strict=True)
     ):
+        partner = None
         if not corrupt[i]:
+            key, shard = str(batch["key"][i]), str(batch["shard"][i]) if "shard" in batch else "?"
+            kind = UNDECODABLE
             try:
                 image = decode_image(data, views.channels)
+                kind = UNDECODABLE_PARTNER
+                partner = decode_image(batch["pair_image"][i], views.channels) if semantic else None
             except CorruptImageError as err:
-                log.warning("skipping sample %s: undecodable image (%s)", batch["key"][i], err)
+                log.warning("skipping sample %s: %s (%s)", key, kind, err)
                 corrupt[i] = True
-                shard = str(batch["shard"][i]) if "shard" in batch else "?"
-                problem[i] = describe(shard, str(batch["key"][i]), UNDECODABLE, str(err))
+                problem[i] = describe(shard, key, kind, str(err))
         if corrupt[i]:
             outputs.append(builder.empty())
             continue
         rng = np.random.default_rng([int(seed), int(idx)] if seed >= 0 else None)
-        outputs.append(builder(image, rng))
+        if partner is not None and uses_partner(views, rng):
+            shown[i] = batch["pair_idx"][i]
+        else:
+            partner = None
+        outputs.append(builder(image, rng, partner))
     result = {name: np.stack([o[name] for o in outputs]) for name in outputs[0]}
+    if semantic:
+        result["pair_idx"] = shown
     result.update(
         idx=np.asarray(batch["idx"], np.int64),
         label=np.asarray(batch["label"], np.int64),

@@ -8,6 +8,10 @@ reader that trusts the manifest never sees a half-written set.
 Replacing a set (``overwrite``) writes the new generation's shards beside the old ones under new
 names (``gNNN-shard-NNNNNN.tar``), swaps the manifest in one atomic write, and only then deletes
 the old shards: until the swap the old set stays whole and valid, whatever interrupts the write.
+
+A set written with semantic pairs (``shards.pairs`` / ``shards.pairs_file``, see
+``ray_ssl.data.pairs``) carries every sample's partner inside the sample (``pair``, ``pair.idx``,
+``pair.<ext>``) and records in its manifest how the partners were chosen.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from ray_ssl.data.checks import (
     BAD_LABEL,
     MISSING,
     UNDECODABLE,
+    UNDECODABLE_PARTNER,
     describe,
     label_problem,
+    partner_fields,
+    partner_problem,
     sample_problem,
 )
 from ray_ssl.data.errors import ShardError
+from ray_ssl.data.pairs import PairedImages, PairedSample, pairs_file_spec, read_pairs_file
 from ray_ssl.data.sources import open_source
 from ray_ssl.data.tario import TarSample, TruncatedShardError, iter_tar, write_tar
 from ray_ssl.data.views import CorruptImageError, decode_image
@@ -76,6 +84,7 @@ class Manifest:
     format: str = SET_FORMAT
     version: int = MANIFEST_VERSION
     generation: int = 0  # how many times the set at this URI has been replaced
+    pairs: str | None = None  # how semantic partners were chosen; None: the set has no pairs
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
@@ -99,18 +108,45 @@ class Manifest:
         return manifest
 
 
-def _chunks(samples: Iterator[tuple[bytes, int]], size: int) -> Iterator[list[tuple[bytes, int]]]:
+Sample = tuple[bytes, int] | PairedSample  # (image, label), or with a semantic partner
+
+
+def sample_key(split: str, idx: int) -> str:
+    """The ``__key__`` of sample ``idx`` in a set written from ``split``."""
+    return f"{split}-{idx:08d}"
+
+
+def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
     while chunk := list(itertools.islice(samples, size)):
         yield chunk
 
 
-def _tar_samples(chunk: list[tuple[bytes, int]], first_idx: int, split: str, ext: str):
-    for offset, (image, label) in enumerate(chunk):
+def _tar_samples(chunk: list[Sample], first_idx: int, split: str, ext: str):
+    for offset, sample in enumerate(chunk):
         idx = first_idx + offset
-        yield TarSample(
-            f"{split}-{idx:08d}",
-            {ext: image, "cls": str(label).encode(), "idx": str(idx).encode()},
-        )
+        paired = isinstance(sample, PairedSample)
+        image, label = (sample.image, sample.label) if paired else sample
+        fields = {ext: image, "cls": str(label).encode(), "idx": str(idx).encode()}
+        if paired:  # the partner travels inside the sample: streaming stays shard-local
+            fields["pair"] = sample_key(split, sample.partner).encode()
+            fields["pair.idx"] = str(sample.partner).encode()
+            fields[f"pair.{ext}"] = sample.partner_image
+        yield TarSample(sample_key(split, idx), fields)
+
+
+def pairs_spec(cfg: ShardsConfig) -> str | None:
+    """What the manifest records about the pairs ``cfg`` asks for (None: no pairs)."""
+    if cfg.pairs_file is not None:
+        return pairs_file_spec(cfg.pairs_file)
+    return f"same-class seed={cfg.seed}" if cfg.pairs == "same-class" else None
+
+
+def _paired(cfg: ShardsConfig, samples: Iterator[tuple[bytes, int]], count: int):
+    """The samples with their partners (read and checked in full now), or None without pairs."""
+    if cfg.pairs_file is not None:
+        keys = [sample_key(cfg.split, i) for i in range(count)]
+        return PairedImages(samples, cfg.seed, read_pairs_file(cfg.pairs_file, keys))
+    return PairedImages(samples, cfg.seed) if cfg.pairs == "same-class" else None
 
 
 def shard_name(generation: int, number: int) -> str:
@@ -159,11 +195,14 @@ def write_shard_set(
             "or choose another --out"
         )
     source = open_source(cfg)  # validates the source before anything is written
+    pairs = pairs_spec(cfg)
+    paired = _paired(cfg, source.samples, source.count)  # and the pairs, read in full
+    samples = iter(paired) if paired is not None else source.samples
     generation = previous.generation + 1 if previous is not None else 0
     written: list[ShardInfo] = []
     try:
         progress = tqdm(total=source.count, desc=f"shards {out_uri}", unit="img", disable=None)
-        for number, chunk in enumerate(_chunks(source.samples, cfg.samples_per_shard)):
+        for number, chunk in enumerate(_chunks(samples, cfg.samples_per_shard)):
             name = shard_name(generation, number)
             first_idx = sum(s.count for s in written)
             with atomic_write(loc.join(name)) as fh:
@@ -184,11 +223,15 @@ def write_shard_set(
             image_format=cfg.image_format,
             channels=source.channels,
             generation=generation,
+            pairs=pairs,
         )
         write_bytes_atomic(loc.join(MANIFEST_NAME), manifest.to_json())  # the swap
     except BaseException:
         remove_shards(loc, [s.name for s in written])
         raise
+    finally:
+        if paired is not None:
+            paired.close()
     if previous is not None:
         remove_shards(loc, sorted({s.name for s in previous.shards} - {s.name for s in written}))
     if manifest.source != cfg.source:
@@ -211,6 +254,16 @@ def read_manifest(uri: str, storage: StorageConfig) -> Manifest:
             f"--out {uri}`"
         ) from None
     return Manifest.from_json(raw, f"{uri}/{MANIFEST_NAME}")
+
+
+def check_pairs(manifest: Manifest, positives: str, uri: str) -> None:
+    """Semantic or mixed positives need a set written with pairs; a one-line ShardError if not."""
+    if positives != "augment" and manifest.pairs is None:
+        raise ShardError(
+            f"views.positives={positives} needs semantic pairs but the shard set {uri} has none; "
+            "rewrite it with `ray-ssl shards write ... --pairs same-class` (or --pairs-file CSV) "
+            "or set views.positives=augment"
+        )
 
 
 def _list_tars(loc: Location) -> list[str]:
@@ -265,6 +318,8 @@ class InspectReport:
             f"source {m.source}, split {m.split}, {m.image_format}, {m.channels} channel(s)",
             f"classes ({len(m.classes)}): {', '.join(m.classes)}",
         ]
+        if m.pairs is not None:
+            lines.append(f"semantic pairs: {m.pairs} (partners checked with every sample)")
         for check in self.checks:
             status = "ok" if check.error is None and check.found == check.expected else "BAD"
             detail = f" ({check.error})" if check.error else ""
@@ -290,20 +345,37 @@ class InspectReport:
         return "; ".join(parts)
 
 
+def _sample_problem(
+    sample: TarSample, info: ShardInfo, position: int, report: InspectReport
+) -> tuple[str, str] | None:
+    """Why a sample cannot train (``ray_ssl.data.checks``), its partner's fields and image
+    included in a paired set; images are decoded when ``report.decoded``."""
+    m = report.manifest
+    problem = sample_problem(sample, info, position)
+    if problem is None and m.pairs is not None:
+        problem = partner_problem(sample, m.count)
+    if problem is None and report.decoded:
+        try:
+            decode_image(sample.image, m.channels)
+        except CorruptImageError as err:
+            problem = UNDECODABLE, str(err)
+    if problem is None and report.decoded and m.pairs is not None:
+        try:
+            decode_image(partner_fields(sample)[1], m.channels)
+        except CorruptImageError as err:
+            problem = UNDECODABLE_PARTNER, str(err)
+    return problem
+
+
 def _check_shard(loc: Location, info: ShardInfo, report: InspectReport) -> ShardCheck:
-    """Read one shard: count its samples, check each one's fields, idx and label, and decode
-    its image when ``report.decoded``."""
+    """Read one shard: count its samples, check each one's fields, idx, label and (in a paired
+    set) partner, and decode its images when ``report.decoded``."""
     check = ShardCheck(info.name, info.count)
     num_classes = len(report.manifest.classes)
     try:
         for sample in iter_shard(loc.join(info.name)):
-            problem = sample_problem(sample, info, check.found)
+            problem = _sample_problem(sample, info, check.found, report)
             check.found += 1
-            if problem is None and report.decoded:
-                try:
-                    decode_image(sample.image, report.manifest.channels)
-                except CorruptImageError as err:
-                    problem = UNDECODABLE, str(err)
             if problem is not None:
                 report.add_bad(info.name, sample.key, *problem)
             elif (label := label_problem(sample, num_classes)) is not None:
@@ -327,7 +399,7 @@ def inspect_shard_set(
     uri: str, storage: StorageConfig, strict: bool = True, decode: bool = True
 ) -> InspectReport:
     """Read every shard: count its samples against the manifest, check every sample's fields,
-    idx range and label, and (with ``decode``) decode its image.
+    idx range, label and (in a paired set) partner, and (with ``decode``) decode its images.
 
     With ``strict`` anything bad raises a one-line ShardError; otherwise it is in the report.
     """
@@ -359,9 +431,10 @@ def _shards_present(loc: Location, manifest: Manifest) -> list[str]:
 
 
 def ensure_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) -> Manifest:
-    """Reuse a valid shard set at ``out_uri`` written from the same source and split; else write.
+    """Reuse a valid shard set at ``out_uri`` written from the same source, split and pairs;
+    else write one.
 
-    A set written from another source or split is never overwritten (ShardError instead).
+    A set written from another source, split or pairs is never overwritten (ShardError instead).
     """
     loc = resolve(out_uri, storage)
     try:
@@ -375,6 +448,11 @@ def ensure_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) ->
         raise ShardError(
             f"{out_uri} holds shards of '{manifest.requested_source}' ({manifest.split}), not "
             f"'{cfg.source}' ({cfg.split}); choose another output URI or delete that one"
+        )
+    if manifest.pairs != pairs_spec(cfg):
+        raise ShardError(
+            f"{out_uri} holds shards with semantic pairs {manifest.pairs}, not {pairs_spec(cfg)}; "
+            "choose another output URI or delete that one"
         )
     bad = _shards_present(loc, manifest)
     if bad:

@@ -28,7 +28,7 @@ from ray_ssl.data.checks import UNKNOWN_LABEL, sample_label, sample_problem
 from ray_ssl.data.datasource import ShardSetDatasource, epoch_seed
 from ray_ssl.data.decode import build_views_batch, decode_rows
 from ray_ssl.data.errors import CorruptDataError, ShardError
-from ray_ssl.data.shards import Manifest, iter_shard, read_manifest
+from ray_ssl.data.shards import Manifest, check_pairs, iter_shard, read_manifest
 from ray_ssl.data.tario import TruncatedShardError
 from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image, mask_generator
 from ray_ssl.storage import pin_endpoint, resolve
@@ -72,13 +72,14 @@ def _read_raw(
     reader: str,
     shuffle_seed: int | None,
     epoch: int,
+    with_pairs: bool = False,
 ) -> ray.data.Dataset:
     """Raw rows from our block datasource (default: measured faster, and a truncated shard is
     counted as corrupt samples) or from ``ray.data.read_webdataset``, whose tar reader fails the
-    whole read on a truncated shard."""
+    whole read on a truncated shard. ``with_pairs``: the rows carry their semantic partners."""
     pinned = pin_endpoint(storage)
     if reader == "blocks":
-        source = ShardSetDatasource(uri, manifest, pinned, shuffle_seed, epoch)
+        source = ShardSetDatasource(uri, manifest, pinned, shuffle_seed, epoch, with_pairs)
         return ray.data.read_datasource(source)
     if reader != "ray_webdataset":
         raise ShardError(f"unknown data.reader '{reader}'; choose blocks or ray_webdataset")
@@ -115,9 +116,11 @@ def build_train_dataset(
     blocks are sized to fill it evenly.
     """
     manifest = read_manifest(data.uri, storage)
+    check_pairs(manifest, views.positives, data.uri)
     cpus = data.decode_concurrency or int(ray.cluster_resources().get("CPU", 1))
     rows = view_batch_rows(views, consumer_batch or data.batch_size, manifest.count, cpus)
-    raw = _read_raw(data.uri, manifest, storage, data.reader, data.shuffle_seed, epoch)
+    with_pairs = views.positives != "augment"  # otherwise partner bytes are never read
+    raw = _read_raw(data.uri, manifest, storage, data.reader, data.shuffle_seed, epoch, with_pairs)
     ranges = {s.name: (s.first_idx, s.count) for s in manifest.shards}
     dataset = raw.map_batches(
         build_views_batch,
@@ -333,7 +336,8 @@ def _crop_major(pieces: list[np.ndarray], device: torch.device) -> torch.Tensor:
 def to_batch_contract(batch: Rows | list[Rows], device: torch.device) -> dict[str, torch.Tensor]:
     """Per-sample numpy columns ([B,V,H,W,C] crops, [B,V,Np] masks), as one dict or as row
     pieces in order, -> the batch contract on ``device``: crop-major [V*B,C,H,W] uint8 crops
-    (row v*B+b is view v of sample b), [V*B,Np] masks, int64 idx and label. The crops are new
+    (row v*B+b is view v of sample b), [V*B,Np] masks, int64 idx and label, and with semantic
+    positives int64 pair_idx (the idx of the image the second view shows). The crops are new
     tensors, never views of the (read-only) input."""
     parts = [batch] if isinstance(batch, dict) else batch
     device = torch.device(device)
@@ -342,7 +346,9 @@ def to_batch_contract(batch: Rows | list[Rows], device: torch.device) -> dict[st
         for name in CROP_COLUMNS
         if name in parts[0]
     }
-    for name in ("idx", "label"):
+    for name in ("idx", "label", "pair_idx"):
+        if name not in parts[0]:
+            continue
         values = np.concatenate([p[name] for p in parts])
         out[name] = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
     return out

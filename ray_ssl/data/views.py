@@ -7,6 +7,11 @@ Gaussian blur p=blur_p[0] on global crop 1 and blur_p[1] on the others, solarize
 crop 2, local crops blur with local_blur_p and never solarize. ``pair`` is two global crops with
 no locals (BYOL/VICReg-style asymmetric blur/solarize), ``single`` one global crop.
 
+Semantic positives (Alkhalefi et al., arXiv 2510.08722): in a pair view the second crop is cut
+from the sample's semantic partner (another image of its class) instead of the sample itself,
+always (``positives=semantic``) or with probability ``semantic_p`` (``mixed``); each crop still
+gets its own augmentation.
+
 Masks are a batch-level draw (:class:`ray_ssl.data.masking.MaskGenerator`, made where the batch
 is assembled); a sample only carries ``mask_seed``, drawn from its own generator, so that the
 batch's masks are fixed by its samples' seeds.
@@ -26,6 +31,7 @@ from ray_ssl.data.masking import MaskGenerator
 
 SOLARIZED_GLOBAL_CROP = 1  # DINO: solarize only the second global crop
 MASK_SEED_BITS = 63  # mask seeds stay non-negative int64 in Arrow
+PARTNER_CROP = 1  # semantic positives: the second crop of a pair view shows the partner
 
 
 class CorruptImageError(ValueError):
@@ -94,6 +100,13 @@ def decode_image(data: bytes, channels: int) -> Image.Image:
         raise CorruptImageError(str(err)) from err
 
 
+def uses_partner(views: ViewConfig, rng: np.random.Generator) -> bool:
+    """Whether this sample's pair is semantic: always, never, or with p = ``semantic_p``."""
+    if views.positives == "mixed":
+        return bool(rng.random() < views.semantic_p)
+    return views.positives == "semantic"
+
+
 class ViewBuilder:
     """Builds one sample's crops (and the seed of its share of the batch's masks)."""
 
@@ -102,11 +115,23 @@ class ViewBuilder:
         self.global_recipes, self.local_recipes = crop_recipes(views)
         self.masked = views.mask != "none"
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``global_crops`` [G,H,W,C], ``local_crops`` [L,h,w,C] if any, ``mask_seed`` if masked."""
+    def __call__(
+        self, image: Image.Image, rng: np.random.Generator, partner: Image.Image | None = None
+    ) -> dict[str, np.ndarray]:
+        """``global_crops`` [G,H,W,C], ``local_crops`` [L,h,w,C] if any, ``mask_seed`` if masked.
+
+        With ``partner`` (a pair view with a semantic positive) the second global crop is cut
+        from the partner image.
+        """
         mode = "L" if self.views.channels == 1 else "RGB"
         image = image if image.mode == mode else image.convert(mode)
-        out = {"global_crops": np.stack([augment_crop(image, r, rng) for r in self.global_recipes])}
+        sources = [image] * len(self.global_recipes)
+        if partner is not None:
+            if self.views.kind != "pair":
+                raise ValueError(f"a semantic partner needs a pair view, not {self.views.kind}")
+            sources[PARTNER_CROP] = partner if partner.mode == mode else partner.convert(mode)
+        crops = [augment_crop(s, r, rng) for s, r in zip(sources, self.global_recipes, strict=True)]
+        out = {"global_crops": np.stack(crops)}
         if self.local_recipes:
             out["local_crops"] = np.stack([augment_crop(image, r, rng) for r in self.local_recipes])
         if self.masked:

@@ -21,7 +21,8 @@ BUILTIN_SOURCES = ("fashion-mnist", "digits", "synthetic")
 
 
 def ensure_builtin_shards(config: Config) -> None:
-    """Write the train (and held-out test) shard sets from a built-in source if missing."""
+    """Write the train (and held-out test) shard sets from a built-in source if missing; the
+    semantic pairs of ``shards`` are the train set's (evaluation needs none)."""
     from ray_ssl.data.shards import ensure_shard_set
 
     if config.shards.source not in BUILTIN_SOURCES:
@@ -30,9 +31,10 @@ def ensure_builtin_shards(config: Config) -> None:
     if config.data.eval_uri is not None:
         splits.append(("test", config.data.eval_uri))
     for split, uri in splits:
-        manifest = ensure_shard_set(
-            dataclasses.replace(config.shards, split=split), uri, config.storage
-        )
+        cfg = dataclasses.replace(config.shards, split=split)
+        if split != "train":
+            cfg = dataclasses.replace(cfg, pairs="none", pairs_file=None)
+        manifest = ensure_shard_set(cfg, uri, config.storage)
         log.info("%s shards: %d samples of %s at %s", split, manifest.count, manifest.source, uri)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_ssl.config import Config, ConfigError, method_plugin, to_dict, training_views
-from ray_ssl.data.shards import Manifest, read_manifest
+from ray_ssl.data.shards import Manifest, check_pairs, read_manifest
 from ray_ssl.methods.base import Method, MethodDriver
 from ray_ssl.methods.registry import build_method, method_driver
 from ray_ssl.paths import resolve_config_paths
@@ -141,6 +141,7 @@ def plan_run(config: Config) -> tuple[LoopPlan, Manifest]:
     """Validate the inputs and compute the run's geometry (no worker is started)."""
     _check_config(config)
     manifest = read_manifest(config.data.uri, config.storage)
+    check_pairs(manifest, config.views.positives, config.data.uri)
     steps_per_pass = manifest.count // config.data.batch_size
     if steps_per_pass < 1:
         raise ConfigError(
