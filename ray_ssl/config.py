@@ -150,7 +150,10 @@ class OptimConfig:
     clip_grad: float = 3.0
     patch_embed_lr_mult: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
-    lr_milestones: tuple[int, ...] = ()  # step decay epochs (InstDisc); empty = cosine
+    lr_milestones: tuple[int, ...] = ()  # step decay epochs (InstDisc); empty = lr_schedule
+    # After the warm-up: "cosine" from the peak to min_lr, or "constant" at the peak
+    # (lemniscate cifar.py, whose adjust_learning_rate call is commented out).
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_gamma: float = 0.1
     momentum_sgd: float = 0.9  # momentum of SGD and LARS
     name: Literal["adamw", "sgd", "lars"] = "adamw"
@@ -607,6 +610,11 @@ def validate(config: Config) -> None:
     _require(
         config.shards.pairs == "none" or config.shards.pairs_file is None,
         "shards.pairs=same-class and shards.pairs_file both choose partners; set only one",
+    )
+    _require(
+        config.optim.lr_schedule == "cosine" or not config.optim.lr_milestones,
+        f"optim.lr_schedule={config.optim.lr_schedule} and optim.lr_milestones="
+        f"{list(config.optim.lr_milestones)} both set the lr after the warm-up; keep one",
     )
     lo, hi = v.mask_ratio
     _require(0.0 <= lo <= hi < 1.0, f"views.mask_ratio={list(v.mask_ratio)} must be 0<=lo<=hi<1")

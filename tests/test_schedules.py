@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ray_ssl.config import load_config
+from ray_ssl.config import ConfigError, load_config
 from ray_ssl.methods.franca import teacher_momentum, teacher_temperature
 from ray_ssl.train.schedules import TrainSchedules, cosine_schedule, scaled_lr, step_decay_schedule
 
@@ -93,6 +93,20 @@ def test_step_decay_for_instdisc() -> None:
     assert schedules.lr(29) == pytest.approx(peak)
     assert schedules.lr(30) == pytest.approx(peak * 0.1)
     assert schedules.lr(45) == pytest.approx(peak * 0.01)
+
+
+def test_constant_lr_after_warmup() -> None:
+    """``optim.lr_schedule=constant`` (lemniscate cifar.py): the peak from the end of the warm-up
+    to the last step, whatever min_lr says; with milestones too it is a config error."""
+    config = load_config(
+        "local", ["optim.lr_schedule=constant", "train.epochs=3", "optim.warmup_epochs=1"]
+    )
+    schedules = TrainSchedules.from_config(config, steps_per_epoch=10)
+    peak = schedules.peak_lr
+    assert schedules.lr(0) == 0.0 and schedules.lr(9) == pytest.approx(peak)
+    assert [schedules.lr(s) for s in (10, 20, 29, 30)] == [peak] * 4
+    with pytest.raises(ConfigError, match="optim.lr_schedule=constant and optim.lr_milestones"):
+        load_config("local", ["optim.lr_schedule=constant", "optim.lr_milestones=[2]"])
 
 
 def test_negative_step_is_an_error() -> None:

@@ -76,6 +76,7 @@ class TrainSchedules:
     weight_decay_end: float
     lr_milestone_steps: tuple[int, ...] = ()
     lr_gamma: float = 1.0
+    constant_lr: bool = False  # the peak lr after the warm-up (optim.lr_schedule=constant)
 
     @classmethod
     def from_config(cls, config: Config, steps_per_epoch: int) -> TrainSchedules:
@@ -91,13 +92,14 @@ class TrainSchedules:
             weight_decay_end=o.weight_decay_end,
             lr_milestone_steps=tuple(e * steps_per_epoch for e in o.lr_milestones),
             lr_gamma=o.lr_gamma,
+            constant_lr=o.lr_schedule == "constant",
         )
 
     def lr(self, step: int) -> float:
-        if self.lr_milestone_steps:
+        if self.lr_milestone_steps or self.constant_lr:
             if step < self.warmup_steps:
                 return linear_warmup(step, self.peak_lr, self.warmup_steps)
-            milestones = list(self.lr_milestone_steps)
+            milestones = list(self.lr_milestone_steps)  # none: the constant peak
             return step_decay_schedule(step, self.peak_lr, milestones, self.lr_gamma)
         return cosine_schedule(step, self.peak_lr, self.min_lr, self.total_steps, self.warmup_steps)
 
