@@ -1,0 +1,193 @@
+"""Learning quality side by side: ray-ssl's local presets against independent minimal references.
+
+For each method (Franca, InstDisc, VICReg, SimCLR), in one run: ray-ssl trains its local preset
+through the whole system (``ray_ssl.train.pretrain.pretrain``: Ray Data streaming the
+Fashion-MNIST shards, the project's views, Ray Train, DeepSpeed, schedules, EMA, the InstDisc bank
+actors), and ``quality_reference.py`` trains a plain PyTorch loop with lightly's losses and
+torchvision transforms (no ray-ssl code) for the same steps, batch, backbone and seed. Both
+backbones (ours loaded from the run's timm export) are scored by the project's weighted kNN
+(``eval.knn_k`` = 20, ``eval.knn_temperature`` = 0.07; DINO's eval_knn) on pooled, L2-normalised
+features: the first ``memory`` training images as the labelled memory, the first ``queries``
+test images as queries. Raw pixels and each backbone at random init are printed for scale.
+
+Last line: ``ours_vs_reference_knn=<min over methods of ours / reference kNN>`` (target >= 1.0).
+Usage: ``python benchmarks/quality.py [--quick] [--steps S] [--methods franca,instdisc]``; run it
+from the repository root (the presets' shard paths are relative; shards are written on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from quality_reference import GRAY_MEAN, GRAY_STD, MaskedViT, RunSpec, cnn, train_reference
+from torch import nn
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PRESETS = {"franca": "local", "instdisc": "instdisc_local", "vicreg": "vicreg_local"}
+PRESETS["simclr"] = "simclr_local"
+# (steps, batch or None for the preset's, kNN memory images, kNN queries)
+SIZES = {True: (4, 32, 1000, 500), False: (100, None, 10000, 2000)}
+PRESET_BATCH = {"franca": 64, "instdisc": 128, "vicreg": 128, "simclr": 128}
+KNN_K, KNN_T = 20, 0.07  # ray-ssl's eval.knn_k / eval.knn_temperature
+SEED = 0
+FEATURE_BATCH = 512
+IDX_HEADER = {"images": 16, "labels": 8}  # bytes before the data in Fashion-MNIST idx files
+
+
+def read_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, 28, 28] and int64 labels of a split, straight from the idx files."""
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz") as fh:
+        images = (
+            np.frombuffer(fh.read()[IDX_HEADER["images"] :], np.uint8).reshape(-1, 28, 28).copy()
+        )
+    with gzip.open(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz") as fh:
+        labels = np.frombuffer(fh.read()[IDX_HEADER["labels"] :], np.uint8).astype(np.int64)
+    return images, labels
+
+
+@torch.no_grad()
+def features(backbone: nn.Module, images: np.ndarray) -> torch.Tensor:
+    """L2-normalised pooled features of uint8 images (the normalisation both sides train with)."""
+    backbone.eval()
+    out = []
+    for start in range(0, len(images), FEATURE_BATCH):
+        x = torch.from_numpy(images[start : start + FEATURE_BATCH])[:, None].float() / 255.0
+        out.append(F.normalize(backbone((x - GRAY_MEAN) / GRAY_STD).float(), dim=1))
+    return torch.cat(out)
+
+
+def flat_pixels(images: np.ndarray) -> torch.Tensor:
+    """Raw pixels as L2-normalised vectors (the kNN floor learning must beat)."""
+    return F.normalize(torch.from_numpy(images).reshape(len(images), -1).float(), dim=1)
+
+
+def knn(
+    train_f: torch.Tensor, train_y: np.ndarray, test_f: torch.Tensor, test_y: np.ndarray
+) -> float:
+    """ray-ssl's weighted kNN top-1 (the same evaluation for both sides)."""
+    from ray_ssl.eval.knn import weighted_knn_accuracy
+
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    return weighted_knn_accuracy(
+        train_f, torch.from_numpy(train_y), test_f, torch.from_numpy(test_y), classes, KNN_K, KNN_T
+    )
+
+
+def overrides(method: str, spec: RunSpec, memory: int, queries: int, work: Path) -> list[str]:
+    """The preset at the benchmark's length: one epoch of ``spec.steps``, no warm-ups (the
+    references have none), the final kNN only."""
+    out = [
+        f"data.batch_size={spec.batch}",
+        "train.epochs=1",
+        f"train.steps_per_epoch={spec.steps}",
+        f"train.seed={spec.seed}",
+        f"train.run_name=quality-{method}",
+        f"train.storage_path={work / 'ray_results'}",
+        f"train.checkpoint_every={spec.steps}",
+        f"train.log_every={spec.steps}",
+        "optim.warmup_epochs=0",
+        "eval.knn_every=0",
+        f"eval.knn_max_train={memory}",
+        f"eval.knn_max_test={queries}",
+    ]
+    if method == "franca":  # a 1-epoch run would hold these warm-ups for the whole run
+        out += ["franca.teacher_temp_warmup_epochs=0", "franca.freeze_last_layer_epochs=0"]
+    return out
+
+
+def train_ours(
+    method: str, spec: RunSpec, memory: int, queries: int, work: Path
+) -> tuple[nn.Module, dict[str, float]]:
+    """The preset trained by the whole system; (its exported backbone, its own evaluation)."""
+    from ray_ssl.models.export import load_exported_backbone
+    from ray_ssl.train.pretrain import pretrain
+
+    outcome = pretrain(PRESETS[method], overrides(method, spec, memory, queries, work))
+    return load_exported_backbone(outcome.export_uri), outcome.evaluation
+
+
+def random_init(method: str) -> nn.Module:
+    torch.manual_seed(SEED)
+    if method == "franca":
+        return _Cls(MaskedViT())
+    return cnn()
+
+
+class _Cls(nn.Module):
+    def __init__(self, vit: MaskedViT) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(images)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 steps of batch 32, small kNN")
+    parser.add_argument("--steps", type=int, help="training steps per run (default 100; quick 4)")
+    parser.add_argument("--methods", default=",".join(PRESETS), help="comma-separated subset")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    steps, batch, memory, queries = SIZES[args.quick]
+    steps = args.steps or steps
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(methods) - set(PRESETS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(PRESETS)}")
+    torch.set_num_threads(2)
+    import ray
+
+    train_x, train_y = read_fashion_mnist("train")
+    test_x, test_y = read_fashion_mnist("test")
+    mem_x, mem_y, q_x, q_y = train_x[:memory], train_y[:memory], test_x[:queries], test_y[:queries]
+    pixels = knn(flat_pixels(mem_x), mem_y, flat_pixels(q_x), q_y)
+    print(f"kNN k={KNN_K} T={KNN_T}, {memory} train images as memory, {queries} test queries")
+    print(f"raw pixels: {pixels:.4f}")
+    ray.init(num_cpus=4, include_dashboard=False)  # 1 Train worker, Ray Data, the bank actors
+    work = Path(tempfile.mkdtemp(prefix="ray-ssl-quality-"))
+    ratios = {}
+    try:
+        for method in methods:
+            spec = RunSpec(steps=steps, batch=batch or PRESET_BATCH[method], seed=SEED)
+            start = time.perf_counter()
+            ours, evaluation = train_ours(method, spec, memory, queries, work)
+            ours_s = time.perf_counter() - start
+            start = time.perf_counter()
+            reference = train_reference(method, train_x, spec)
+            ref_s = time.perf_counter() - start
+            scores = {
+                name: knn(features(net, mem_x), mem_y, features(net, q_x), q_y)
+                for name, net in (
+                    ("ours", ours),
+                    ("reference", reference),
+                    ("random_init", random_init(method)),
+                )
+            }
+            ratios[method] = scores["ours"] / scores["reference"]
+            extra = "".join(f", {k}={v:.4f}" for k, v in evaluation.items() if "knn" in k)
+            print(
+                f"{method}: {spec.steps} steps of batch {spec.batch}: ours {scores['ours']:.4f} "
+                f"({ours_s:.0f} s, whole system), reference {scores['reference']:.4f} "
+                f"({ref_s:.0f} s), random init {scores['random_init']:.4f}, ratio "
+                f"{ratios[method]:.3f}{extra}",
+                flush=True,
+            )
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"ours_vs_reference_knn={min(ratios.values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
