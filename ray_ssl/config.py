@@ -68,6 +68,7 @@ class ShardsConfig:
     # class drawn from the labels (same-class), or those of pairs_file (key,partner_key rows).
     pairs: Literal["none", "same-class"] = "none"
     pairs_file: str | None = None
+    max_samples: int | None = None  # only the source's first N samples (a subset); None = all
 
 
 @dataclass

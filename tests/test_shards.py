@@ -3,6 +3,7 @@ disagreements; ensure_shard_set reuses or rewrites; every bad input is a one-lin
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -181,9 +182,29 @@ def test_ensure_reuses_rewrites_and_refuses(tmp_path):
         ensure_shard_set(ShardsConfig(source="synthetic", split="test"), str(tmp_path), STORAGE)
 
 
+def samples_of(directory: Path, shard) -> list[tuple[bytes | None, dict[str, bytes]]]:
+    """(image, other fields but the key-bearing ones) of each sample of one shard."""
+    return [(t.image, t.fields) for t in iter_shard(resolve(str(directory / shard.name), STORAGE))]
+
+
+def test_max_samples_writes_the_first_n_and_refuses_another_size(tmp_path):
+    whole = ShardsConfig(source="digits", split="test")
+    full = write_shard_set(whole, str(tmp_path / "a"), STORAGE)
+    cfg = ShardsConfig(source="digits", split="test", samples_per_shard=40, max_samples=100)
+    subset = ensure_shard_set(cfg, str(tmp_path / "b"), STORAGE)
+    assert subset.count == 100 and [s.count for s in subset.shards] == [40, 40, 20]
+    written = [sample for shard in subset.shards for sample in samples_of(tmp_path / "b", shard)]
+    assert written == samples_of(tmp_path / "a", full.shards[0])[:100]  # idx, cls, image alike
+    assert ensure_shard_set(cfg, str(tmp_path / "b"), STORAGE) == subset  # reused
+    with pytest.raises(ShardError, match="holds 100 samples, not the 50 that"):
+        ensure_shard_set(dataclasses.replace(cfg, max_samples=50), str(tmp_path / "b"), STORAGE)
+    assert full.count > 100
+
+
 @pytest.mark.parametrize(
     "cfg, match",
     [
+        (ShardsConfig(source="digits", max_samples=0), "max_samples"),
         (ShardsConfig(source="folder:/nonexistent/images"), "does not exist"),
         (ShardsConfig(source="imagenet"), "unknown shard source"),
         (ShardsConfig(source="digits", split="validation"), "unknown split"),  # type: ignore[arg-type]

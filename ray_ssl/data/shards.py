@@ -185,6 +185,8 @@ def write_shard_set(
     """
     if cfg.samples_per_shard < 1:
         raise ShardError(f"shards.samples_per_shard={cfg.samples_per_shard} must be >= 1")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise ShardError(f"shards.max_samples={cfg.max_samples} must be >= 1 (or null for all)")
     loc = resolve(out_uri, storage)
     check_reachable(loc, storage)
     previous = existing_manifest(loc)
@@ -195,13 +197,15 @@ def write_shard_set(
             "or choose another --out"
         )
     source = open_source(cfg)  # validates the source before anything is written
+    count = source.count if cfg.max_samples is None else min(source.count, cfg.max_samples)
+    subset = itertools.islice(source.samples, count)
     pairs = pairs_spec(cfg)
-    paired = _paired(cfg, source.samples, source.count)  # and the pairs, read in full
-    samples = iter(paired) if paired is not None else source.samples
+    paired = _paired(cfg, subset, count)  # and the pairs, read in full
+    samples = iter(paired) if paired is not None else subset
     generation = previous.generation + 1 if previous is not None else 0
     written: list[ShardInfo] = []
     try:
-        progress = tqdm(total=source.count, desc=f"shards {out_uri}", unit="img", disable=None)
+        progress = tqdm(total=count, desc=f"shards {out_uri}", unit="img", disable=None)
         for number, chunk in enumerate(_chunks(samples, cfg.samples_per_shard)):
             name = shard_name(generation, number)
             first_idx = sum(s.count for s in written)
@@ -454,6 +458,14 @@ def ensure_shard_set(cfg: ShardsConfig, out_uri: str, storage: StorageConfig) ->
             f"{out_uri} holds shards with semantic pairs {manifest.pairs}, not {pairs_spec(cfg)}; "
             "choose another output URI or delete that one"
         )
+    if cfg.max_samples is not None:
+        wanted = min(open_source(cfg).count, cfg.max_samples)
+        if manifest.count != wanted:
+            raise ShardError(
+                f"{out_uri} holds {manifest.count} samples, not the {wanted} that "
+                f"shards.max_samples={cfg.max_samples} asks for; choose another output URI or "
+                "delete that one"
+            )
     bad = _shards_present(loc, manifest)
     if bad:
         log.warning("shard set %s is incomplete (%s); rewriting it", out_uri, ", ".join(bad[:3]))
