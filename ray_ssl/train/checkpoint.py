@@ -350,23 +350,31 @@ def check_complete(directory: str) -> TrainState:
     return state
 
 
-def _materialize_optimizer_state(engine: Any, keys: list[str]) -> None:
-    """Create the optimizer's (lazily made) states with one step of zero gradients at lr 0 and
-    weight decay 0, which leaves every parameter as it is; restore then overwrites the states."""
+def _optimizer_tensors(engine: Any) -> list[torch.Tensor]:
+    """The tensors the torch optimizer keeps state for: ZeRO's flat float32 partitions (which
+    ZeRO swaps into the optimizer's groups only while it steps), the parameters at stage 0."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        return list(engine.optimizer.fp32_partitioned_groups_flat)
+    if stage in (1, 2):
+        return list(engine.optimizer.single_partition_of_fp32_groups)
+    return [p for g in _base_optimizer(engine).param_groups for p in g["params"]]
+
+
+def _materialize_optimizer_state(engine: Any, keys: list[str], step: float | None) -> None:
+    """Create the optimizer's (lazily made) states as zeros, for restore to overwrite: the
+    per-element ``keys`` like each tensor, ``step`` as torch's optimizers keep it (a float32
+    scalar tensor, on the device only for fused or capturable steps)."""
     base = _base_optimizer(engine)
-    params = [p for g in base.param_groups for p in g["params"]]
-    if all(key in base.state.get(p, {}) for p in params for key in keys):
-        return
-    saved = [(g["lr"], g["weight_decay"]) for g in base.param_groups]
-    for group in base.param_groups:
-        group["lr"], group["weight_decay"] = 0.0, 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    base.step()
-    for p in params:
-        p.grad = None
-    for group, (lr, wd) in zip(base.param_groups, saved, strict=True):
-        group["lr"], group["weight_decay"] = lr, wd
+    on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+    for tensor in _optimizer_tensors(engine):
+        state = base.state[tensor]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(tensor)
+        if step is not None and "step" not in state:
+            device = tensor.device if on_device else torch.device("cpu")
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
 
 
 def _load_module(engine: Any, model: TensorFiles, rank: int) -> None:
@@ -394,7 +402,7 @@ def _load_optimizer(engine: Any, directory: Path) -> None:
     ds = engine.engine
     meta = json.loads((directory / OPTIMIZER_META).read_text())
     files = TensorFiles(directory, OPTIMIZER_PREFIX)
-    _materialize_optimizer_state(ds, meta["keys"])
+    _materialize_optimizer_state(ds, meta["keys"], meta["step"])
     base = _base_optimizer(ds)
     for name, param in _trainable(engine.module):
         for key in [MASTER_KEY, *meta["keys"]]:
