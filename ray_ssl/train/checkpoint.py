@@ -249,7 +249,7 @@ def _zero12_fragment(engine: Any, param: nn.Parameter, key: str) -> torch.Tensor
     if mapping is None:
         return None
     flat = engine.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
-    source = flat if key == MASTER_KEY else _base_optimizer(engine).state[flat][key]
+    source = flat.data if key == MASTER_KEY else _base_optimizer(engine).state[flat][key]
     address = mapping.hp_fragment_address
     return source.narrow(0, address.start, address.numel)
 
@@ -404,10 +404,11 @@ def _load_optimizer(engine: Any, directory: Path) -> None:
     files = TensorFiles(directory, OPTIMIZER_PREFIX)
     _materialize_optimizer_state(ds, meta["keys"], meta["step"])
     base = _base_optimizer(ds)
-    for name, param in _trainable(engine.module):
-        for key in [MASTER_KEY, *meta["keys"]]:
-            value = files.get(f"{name}{STATE_SEPARATOR}{key}").to(param.device)
-            _set_full_state(ds, param, key, value)
+    with torch.no_grad():
+        for name, param in _trainable(engine.module):
+            for key in [MASTER_KEY, *meta["keys"]]:
+                value = files.get(f"{name}{STATE_SEPARATOR}{key}").to(param.device)
+                _set_full_state(ds, param, key, value)
     for param_state in base.state.values():
         if meta["step"] is not None and "step" in param_state:
             step = param_state["step"]
