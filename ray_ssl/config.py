@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import types
 import typing
@@ -165,7 +166,8 @@ class TrainConfig:
     """Ray Train + DeepSpeed: scaling, schedule length, checkpoints, failures."""
 
     method: str = "franca"  # a registered method (ray_ssl/methods/<name>_settings.py)
-    num_workers: int = 1
+    num_workers: int = 1  # the most workers; the size of a fixed-size run
+    min_workers: int | None = None  # elastic: run on min_workers..num_workers (None = fixed)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     torch_threads: int | None = None  # intra-op threads per worker; None = cpus_per_worker
@@ -175,7 +177,10 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None = dataset size // batch size
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
-    max_failures: int = 0  # Ray Train restarts from the latest checkpoint this many times
+    # Ray Train restarts failed workers from the latest checkpoint this many times (-1: always).
+    # 3: a node lost or a worker killed (out of memory, a dead bank shard) costs the steps since
+    # the last checkpoint, not the run; an input error is not retried (train/loop.py).
+    max_failures: int = 3
     run_name: str = "ray-ssl"
     storage_path: str = "ray_results"  # local dir or s3://bucket/prefix (shared across nodes)
     seed: int = 0
@@ -577,9 +582,27 @@ def validate(config: Config) -> None:
         plugin.check_settings(config.methods[name])
     _require(t.num_workers >= 1, "train.num_workers must be >= 1")
     _require(
-        d.batch_size % t.num_workers == 0,
-        f"data.batch_size={d.batch_size} is not divisible by train.num_workers={t.num_workers}; "
-        "pick a batch size that is a multiple of the worker count",
+        t.min_workers is None or 1 <= t.min_workers <= t.num_workers,
+        f"train.min_workers={t.min_workers} must be between 1 and train.num_workers="
+        f"{t.num_workers} (or null for a fixed worker count)",
+    )
+    sizes = range(t.min_workers or t.num_workers, t.num_workers + 1)
+    uneven = [n for n in sizes if d.batch_size % n]
+    if uneven:
+        elastic = (
+            f" (an elastic run may have {sizes.start}..{sizes.stop - 1} workers; "
+            f"{math.lcm(*sizes)} divides by all)"
+            if len(sizes) > 1
+            else ""
+        )
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} is not divisible by train.num_workers={uneven[0]}"
+            f"{elastic}; pick a batch size that is a multiple of every worker count"
+        )
+    _require(
+        t.precision != "fp16" or t.zero_stage >= 1,
+        "train.precision=fp16 needs train.zero_stage >= 1 (its checkpoints are consolidated "
+        "from the ZeRO optimizer); use zero_stage=1 or bf16",
     )
     _require(
         t.zero_stage in (0, 1, 2, 3),

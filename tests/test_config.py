@@ -21,6 +21,10 @@ from ray_ssl.config import ConfigError, load_config
         (["views.global_size=30"], "views.global_size"),  # 30 is not a multiple of patch 4
         (["views.local_size=18"], "views.local_size"),
         (["views.mask_ratio=[0.7, 0.2]"], "views.mask_ratio"),
+        (["train.num_workers=2", "train.min_workers=3"], "train.min_workers"),
+        # an elastic run of 1..4 workers may have 3: 64 does not divide; 12 would
+        (["data.batch_size=64", "train.num_workers=4", "train.min_workers=1"], "divides by all"),
+        (["train.precision=fp16", "train.zero_stage=0"], "train.zero_stage"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):

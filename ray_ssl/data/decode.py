@@ -26,6 +26,7 @@ from ray_ssl.data.checks import (
     partner_fields,
     partner_problem,
 )
+from ray_ssl.data.position import ConsumedFilter
 from ray_ssl.data.tario import TarSample
 from ray_ssl.data.views import CorruptImageError, ViewBuilder, decode_image, uses_partner
 
@@ -104,11 +105,13 @@ def build_views_batch(
     views: ViewConfig,
     shard_ranges: ShardRanges | None = None,
     num_classes: int = 0,
+    consumed: ConsumedFilter | None = None,
 ) -> dict[str, np.ndarray]:
     """Raw rows -> decoded, augmented views; rows that fail to decode are flagged ``corrupt``
     with their ``problem``. Rows of ``read_webdataset`` are checked against ``shard_ranges``.
     With semantic positives the second crop of a pair is cut from the row's partner (always, or
-    with p = ``views.semantic_p``) and ``pair_idx`` says which image it shows."""
+    with p = ``views.semantic_p``) and ``pair_idx`` says which image it shows. Rows that
+    ``consumed`` lists (a resumed pass, ``ray_ssl.data.position``) are left out."""
     semantic = views.positives != "augment"
     if "__key__" in batch:
         batch = _webdataset_to_raw(batch, shard_ranges or {}, num_classes, semantic)
@@ -117,11 +120,17 @@ def build_views_batch(
     n = len(corrupt)
     problem = np.array(batch["problem"] if "problem" in batch else [""] * n, dtype=object)
     shown = np.asarray(batch["idx"], np.int64).copy()  # the image each second view is cut from
+    skip = np.zeros(n, dtype=bool)
+    if consumed is not None:
+        skip = ~corrupt & consumed.good_consumed(batch["idx"])
     outputs = []
     for i, (data, idx, seed) in enumerate(
         zip(batch["image"], batch["idx"], batch["seed"], strict=True)
     ):
         partner = None
+        if skip[i]:
+            outputs.append(builder.empty())
+            continue
         if not corrupt[i]:
             key, shard = str(batch["key"][i]), str(batch["shard"][i]) if "shard" in batch else "?"
             kind = UNDECODABLE
@@ -151,7 +160,10 @@ def build_views_batch(
         corrupt=corrupt,
         problem=problem,
     )
-    return result
+    if consumed is None:
+        return result
+    keep = ~(skip | (corrupt & consumed.corrupt_consumed(problem)))
+    return {name: column[keep] for name, column in result.items()}
 
 
 def decode_rows(batch: dict[str, np.ndarray], channels: int) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from ray_ssl.data.checks import UNKNOWN_LABEL, sample_label, sample_problem
 from ray_ssl.data.datasource import ShardSetDatasource, epoch_seed
 from ray_ssl.data.decode import build_views_batch, decode_rows
 from ray_ssl.data.errors import CorruptDataError, ShardError
+from ray_ssl.data.position import ConsumedFilter
 from ray_ssl.data.shards import Manifest, check_pairs, iter_shard, read_manifest
 from ray_ssl.data.tario import TruncatedShardError
 from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image, mask_generator
@@ -107,13 +108,15 @@ def build_train_dataset(
     storage: StorageConfig,
     epoch: int = 0,
     consumer_batch: int | None = None,
+    consumed: ConsumedFilter | None = None,
 ) -> ray.data.Dataset:
     """Shards -> decoded views, shard order shuffled per epoch.
 
     The dataset can be iterated many times (one Train epoch each); the first iteration reads
     epoch ``epoch`` (pass the resume epoch here) and each later one the next epoch's order.
     ``consumer_batch`` is the batch each consumer takes (default ``data.batch_size``); decode
-    blocks are sized to fill it evenly.
+    blocks are sized to fill it evenly. ``consumed``: samples of the first epoch to leave out
+    (a resumed pass; :mod:`ray_ssl.data.position`).
     """
     manifest = read_manifest(data.uri, storage)
     check_pairs(manifest, views.positives, data.uri)
@@ -124,7 +127,12 @@ def build_train_dataset(
     ranges = {s.name: (s.first_idx, s.count) for s in manifest.shards}
     dataset = raw.map_batches(
         build_views_batch,
-        fn_kwargs={"views": views, "shard_ranges": ranges, "num_classes": len(manifest.classes)},
+        fn_kwargs={
+            "views": views,
+            "shard_ranges": ranges,
+            "num_classes": len(manifest.classes),
+            "consumed": consumed,
+        },
         batch_size=rows,
         batch_format="numpy",
         concurrency=data.decode_concurrency,
@@ -207,6 +215,9 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
     manifest's count); this worker's corrupt samples alone stop it once they exceed
     ``max_corrupt_fraction`` of it (:func:`corrupt_limit_exceeded`). Without it the pass is what
     this iterator reads, judged at its end. ``uri`` names the set in the error.
+    ``consumed_idx`` and ``consumed_problems`` record what it delivered or met (the data
+    position, :mod:`ray_ssl.data.position`): idx of the good samples in delivered batches, the
+    corrupt samples as ``shard:key (reason)``.
     """
 
     def __init__(
@@ -227,6 +238,8 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
         self.drop_last, self.prefetch_batches = drop_last, prefetch_batches
         self.pass_size, self.uri = pass_size, uri
         self.stats = DataStats()
+        self.consumed_idx: list[np.ndarray] = []
+        self.consumed_problems: list[str] = []
         self.masks = mask_generator(views)
         self._batches = self._generate()
 
@@ -280,6 +293,7 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
             bad = int(corrupt.sum())
             if bad:
                 self.stats.add_corrupt(problems[corrupt])
+                self.consumed_problems += [str(p) for p in problems[corrupt]]
                 self._check_corrupt(final=False)
                 block = {name: column[~corrupt] for name, column in block.items()}
             if len(corrupt) > bad:
@@ -289,10 +303,12 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
                 batch, pending = _split_rows(pending, self.batch_size)
                 pending_rows -= self.batch_size
                 self.stats.seen += self.batch_size
+                self.consumed_idx.append(np.concatenate([part["idx"] for part in batch]))
                 yield self._contract(batch)
         self._check_corrupt(final=True)
         if pending_rows and not self.drop_last:
             self.stats.seen += pending_rows
+            self.consumed_idx.append(np.concatenate([part["idx"] for part in pending]))
             yield self._contract(pending)
 
     def _contract(self, rows: list[Rows]) -> dict[str, torch.Tensor]:

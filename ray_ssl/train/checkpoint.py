@@ -1,16 +1,35 @@
 """Checkpoints of a training run, and the export of the teacher backbone; the only module that
-knows DeepSpeed's checkpoint layout.
+knows DeepSpeed's state layout.
 
-A checkpoint directory holds DeepSpeed's per-rank shards (``ds/``; every rank writes files with
-distinct names, Ray Train merges the ranks' directories), each rank's RNG state (safetensors with
-JSON metadata), the method's
-extra state, ``train_state.json`` (step, world size, metric history) and ``config.json`` (the
-resolved config). Each rank writes ``complete/rank_<r>`` last; a checkpoint missing any of them
-is refused at restore. Ray Train registers a checkpoint only after every rank has reported it,
-so an interrupted save is never the one ``ray.train.get_checkpoint()`` returns.
+**World-size- and ZeRO-stage-free.** A checkpoint holds the *consolidated* state: the whole
+module (student, heads, EMA teacher) as float32 tensors and, for every trainable parameter, its
+float32 master copy and full optimizer states (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``),
+gathered from the ZeRO partitions to rank 0 on save and cut again into the partitions of the
+resuming run on load, by DeepSpeed's own ``safe_get/set_full_fp32_param`` and
+``safe_get/set_full_optimizer_state`` (ZeRO 1-3) or straight from the optimizer (stage 0). A run
+saved by 2 workers under ZeRO-2 therefore resumes on 1 or 3 workers, under any stage.
 
-Nothing here unpickles arbitrary objects: DeepSpeed's files are read with ``weights_only=True``
-(:mod:`ray_ssl.train.safe_load`), the rest is JSON or safetensors.
+Why consolidate on save rather than DeepSpeed's universal checkpoint: ``ds_to_universal`` is an
+offline conversion of the per-rank files (every rank's optimizer pickle read by one process, with
+``weights_only=False``), needs a ZeRO-1+ optimizer (no stage 0), and would have to run after a
+node fault, before the elastic restart, on whatever storage holds the run. Consolidating costs a
+gather per checkpoint (rank 0 holds the float32 state while writing: ~16 bytes per trainable and
+4 per frozen parameter, written in ``TENSOR_FILE_BYTES`` files) and gives files any process can
+read with safetensors, no pickle at all.
+
+Files: ``model-NNNNN.safetensors`` (module state), ``optimizer-NNNNN.safetensors``
+(``<param>::<state>`` tensors; ``fp32`` is the master copy), ``optimizer.json`` (the optimizer's
+step count, fp16 loss scale), each rank's RNG state (safetensors with JSON metadata), the method's
+extra state, ``train_state.json`` (step, world size, data position, history) and ``config.json``.
+Each rank writes ``complete/rank_<r>`` last; a checkpoint missing any of them is refused at
+restore. Ray Train registers a checkpoint only after every rank has reported it, so an
+interrupted save is never the one ``ray.train.get_checkpoint()`` returns.
+
+RNG on resume: at the world size that saved, every rank gets its own RNG state back (an exact
+continuation); at another size every rank is reseeded from (``train.seed``, step, rank), since
+there is no rank-for-rank correspondence (documented in docs/running.md).
+
+Nothing here unpickles: everything is JSON or safetensors.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,19 +47,19 @@ import torch
 from torch import nn
 
 from ray_ssl.config import Config, StorageConfig, to_dict
+from ray_ssl.data.position import PassProgress
 from ray_ssl.models.export import EXPORT_META, EXPORT_WEIGHTS
 from ray_ssl.storage import resolve, write_bytes_atomic
-from ray_ssl.train.safe_load import (
-    CheckpointError,
-    load_tensors,
-    safe_deepspeed_loads,
-    weights_only_loads,
-)
+from ray_ssl.train.safe_load import CheckpointError
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_TAG = "ds"
-DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole module, on rank 0
+MODEL_PREFIX = "model"
+OPTIMIZER_PREFIX = "optimizer"
+OPTIMIZER_META = "optimizer.json"
+MASTER_KEY = "fp32"  # the float32 master copy of a trainable parameter
+STATE_SEPARATOR = "::"
+TENSOR_FILE_BYTES = 2 << 30  # split the consolidated state into files of at most ~2 GiB
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
@@ -57,6 +77,12 @@ class TrainState:
     samples_seen: int = 0  # over all workers and launches, corrupt ones included
     corrupt_samples: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    data: PassProgress = field(default_factory=PassProgress)  # the data position (global)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TrainState:
+        data = PassProgress(**raw.pop("data", {}))
+        return cls(**raw, data=data)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -113,6 +139,160 @@ def load_rng_state(path: Path) -> None:
         ) from err
 
 
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed torch, numpy and Python from (seed, step, rank): a resume at another world size."""
+    words = np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint32)
+    torch.manual_seed(int(words[0]))
+    np.random.seed(int(words[0]))
+    random.seed(int(words[1]))
+
+
+class TensorFileWriter:
+    """Tensors into ``<prefix>-NNNNN.safetensors`` files of at most ~``limit`` bytes each, so the
+    writer never holds more than one file's tensors."""
+
+    def __init__(self, directory: Path, prefix: str, limit: int = TENSOR_FILE_BYTES) -> None:
+        self.directory, self.prefix, self.limit = directory, prefix, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().float().cpu().contiguous()
+        if self.pending and self.pending_bytes + tensor.nbytes > self.limit:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += tensor.nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending and self.files:
+            return
+        path = self.directory / f"{self.prefix}-{self.files:05d}.safetensors"
+        save_file(self.pending, str(path))
+        self.pending, self.pending_bytes = {}, 0
+        self.files += 1
+
+
+class TensorFiles:
+    """Read the tensors a :class:`TensorFileWriter` wrote, one at a time (no pickle)."""
+
+    def __init__(self, directory: Path, prefix: str, name: str | None = None) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.paths = sorted(directory.glob(f"{prefix}-*.safetensors"))
+        if not self.paths:
+            raise CheckpointError(
+                f"checkpoint {name or directory} has no {prefix}-*.safetensors; it is "
+                "incomplete or was written by an older ray-ssl (per-rank DeepSpeed files): start "
+                "the run afresh under another train.run_name"
+            )
+        self.where: dict[str, Path] = {}
+        try:
+            for path in self.paths:
+                with safe_open(str(path), framework="pt") as fh:
+                    self.where.update(dict.fromkeys(fh.keys(), path))
+        except SafetensorError as err:
+            where = f"{name.rstrip('/')}/{path.name}" if name else path
+            raise CheckpointError(
+                f"checkpoint file {where} is not a safetensors file ({err}); it was not loaded: "
+                "resume from a checkpoint written by ray-ssl, or delete this one"
+            ) from err
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.where:
+            raise CheckpointError(
+                f"checkpoint tensor {name!r} is missing from {self.paths[0].parent}; it was "
+                "saved by another model: choose another train.run_name"
+            )
+        with safe_open(str(self.where[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.where:
+            yield name, self.get(name)
+
+
+def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer DeepSpeed steps: wrapped by ZeRO 1-3, the engine's own at stage 0."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _state_keys(engine: Any) -> tuple[list[str], float | None]:
+    """Names of the optimizer's per-element states (e.g. exp_avg) and its step count."""
+    base = _base_optimizer(engine)
+    for param_state in base.state.values():
+        keys = [k for k, v in param_state.items() if torch.is_tensor(v) and v.dim() > 0]
+        step = param_state.get("step")
+        return sorted(keys), None if step is None else float(step)
+    return [], None
+
+
+def _zero12_fragment(engine: Any, param: nn.Parameter, key: str) -> torch.Tensor | None:
+    """This rank's piece of ``param``'s master copy or optimizer state ``key`` under ZeRO 1-2
+    (a view into the optimizer's flat float32 partition), or None if the rank holds none.
+
+    Read from the optimizer's state directly rather than through the fragment's own table,
+    which DeepSpeed 0.19 fills only in some code paths (empty after a restore or a skipped
+    step)."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return None
+    flat = engine.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+    source = flat.data if key == MASTER_KEY else _base_optimizer(engine).state[flat][key]
+    address = mapping.hp_fragment_address
+    return source.narrow(0, address.start, address.numel)
+
+
+def _full_state(engine: Any, param: nn.Parameter, key: str) -> torch.Tensor:
+    """The whole of ``param``'s master copy (``MASTER_KEY``) or optimizer state ``key``, on
+    every rank (a collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        if key == MASTER_KEY:
+            return safe_get_full_fp32_param(param)
+        return safe_get_full_optimizer_state(param, key)
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1-2: add up the ranks' pieces
+        buffer = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        fragment = _zero12_fragment(engine, param, key)
+        if fragment is not None:
+            address = param._hp_mapping.lp_fragment_address
+            buffer.narrow(0, address.start, address.numel).copy_(fragment)
+        torch.distributed.all_reduce(buffer, group=getattr(param, "_dp_group", None))
+        return buffer
+    return param.detach() if key == MASTER_KEY else _base_optimizer(engine).state[param][key]
+
+
+def _set_full_state(engine: Any, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
+    """Write this rank's piece of ``value`` into ``param``'s master copy or state ``key``."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        if key == MASTER_KEY:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO 1-2
+        fragment = _zero12_fragment(engine, param, key)
+        if fragment is not None:
+            address = param._hp_mapping.lp_fragment_address
+            fragment.copy_(value.flatten().narrow(0, address.start, address.numel))
+    else:
+        target = param.data if key == MASTER_KEY else _base_optimizer(engine).state[param][key]
+        target.copy_(value.reshape(target.shape))
+
+
 def save_checkpoint(
     directory: str,
     engine: Any,
@@ -120,12 +300,29 @@ def save_checkpoint(
     config: Config,
     rank: int,
 ) -> None:
-    """Write this rank's part of a checkpoint into local ``directory`` (called on every rank)."""
+    """Write this rank's part of a checkpoint into local ``directory`` (called on every rank;
+    the consolidated state is gathered in collectives and written by rank 0)."""
     path = Path(directory)
-    engine.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, client_state={"step": state.step})
+    ds = engine.engine
+    module_state = gathered_state_dict(engine.module, engine.module.state_dict, rank)
+    keys, step = _state_keys(ds)
+    optimizer_files = TensorFileWriter(path, OPTIMIZER_PREFIX)
+    for name, param in _trainable(engine.module):
+        for key in [MASTER_KEY, *keys]:
+            value = _full_state(ds, param, key)
+            if rank == 0:
+                optimizer_files.add(f"{name}{STATE_SEPARATOR}{key}", value.reshape(-1))
     (path / RNG_DIR).mkdir(exist_ok=True)
     save_rng_state(path / RNG_DIR / f"rank_{rank}{RNG_SUFFIX}")
     if rank == 0:
+        optimizer_files.flush()
+        model_files = TensorFileWriter(path, MODEL_PREFIX)
+        for name, tensor in module_state.items():
+            model_files.add(name, tensor)
+        model_files.flush()
+        scaler = getattr(ds.optimizer, "loss_scaler", None)
+        meta = {"keys": keys, "step": step, "loss_scale": getattr(scaler, "cur_scale", None)}
+        (path / OPTIMIZER_META).write_text(json.dumps(meta))
         engine.module.save_extra_state(str(path), state.step)
         (path / STATE_FILE).write_text(json.dumps(asdict(state)))
         (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=1))
@@ -136,11 +333,11 @@ def save_checkpoint(
 def read_train_state(directory: str) -> TrainState:
     """The ``train_state.json`` of a checkpoint directory."""
     raw = json.loads((Path(directory) / STATE_FILE).read_text())
-    return TrainState(**raw)
+    return TrainState.from_json(raw)
 
 
-def check_complete(directory: str, world_size: int) -> TrainState:
-    """The checkpoint's state if every rank finished writing it and the world size matches."""
+def check_complete(directory: str) -> TrainState:
+    """The checkpoint's state if every rank that wrote it finished writing."""
     path = Path(directory)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {directory} has no {STATE_FILE}; it is incomplete")
@@ -150,29 +347,105 @@ def check_complete(directory: str, world_size: int) -> TrainState:
     ]
     if missing:
         raise CheckpointError(f"checkpoint {directory} lacks the shards of ranks {missing}")
-    if state.world_size != world_size:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {state.world_size} workers, this run has "
-            f"{world_size}; resume with train.num_workers={state.world_size}"
-        )
     return state
 
 
-def restore_checkpoint(directory: str, engine: Any, rank: int, world_size: int) -> TrainState:
-    """Load model, teacher, optimizer, RNG and method state from ``directory`` on every rank."""
-    state = check_complete(directory, world_size)
-    with safe_deepspeed_loads(engine.engine):
-        load_path, _ = engine.engine.load_checkpoint(
-            directory,
-            tag=DEEPSPEED_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{DEEPSPEED_TAG}")
-    load_rng_state(Path(directory) / RNG_DIR / f"rank_{rank}{RNG_SUFFIX}")
+def _optimizer_tensors(engine: Any) -> list[torch.Tensor]:
+    """The tensors the torch optimizer keeps state for: ZeRO's flat float32 partitions (which
+    ZeRO swaps into the optimizer's groups only while it steps), the parameters at stage 0."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        return list(engine.optimizer.fp32_partitioned_groups_flat)
+    if stage in (1, 2):
+        return list(engine.optimizer.single_partition_of_fp32_groups)
+    return [p for g in _base_optimizer(engine).param_groups for p in g["params"]]
+
+
+def _materialize_optimizer_state(engine: Any, keys: list[str], step: float | None) -> None:
+    """Create the optimizer's (lazily made) states as zeros, for restore to overwrite: the
+    per-element ``keys`` like each tensor, ``step`` as torch's optimizers keep it (a float32
+    scalar tensor, on the device only for fused or capturable steps)."""
+    base = _base_optimizer(engine)
+    on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+    for tensor in _optimizer_tensors(engine):
+        state = base.state[tensor]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(tensor)
+        if step is not None and "step" not in state:
+            device = tensor.device if on_device else torch.device("cpu")
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+
+
+def _load_module(engine: Any, model: TensorFiles, rank: int) -> None:
+    """The whole module's tensors into the (possibly ZeRO-3-partitioned) module."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    partitioned = any(hasattr(p, "ds_tensor") for p in params)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=partitioned):
+        if rank == 0 or not partitioned:
+            state = dict(model.items())
+            missing = sorted(set(module.state_dict()) - set(state))
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {model.paths[0].parent} lacks {missing[:3]}; it was saved by "
+                    "another model: choose another train.run_name"
+                )
+            module.load_state_dict(state)
+
+
+def _load_optimizer(engine: Any, directory: Path) -> None:
+    """Every trainable parameter's master copy and optimizer states, cut into this run's
+    partitions; then the optimizer's step count and loss scale."""
+    ds = engine.engine
+    meta = json.loads((directory / OPTIMIZER_META).read_text())
+    files = TensorFiles(directory, OPTIMIZER_PREFIX)
+    _materialize_optimizer_state(ds, meta["keys"], meta["step"])
+    base = _base_optimizer(ds)
+    with torch.no_grad():
+        for name, param in _trainable(engine.module):
+            for key in [MASTER_KEY, *meta["keys"]]:
+                value = files.get(f"{name}{STATE_SEPARATOR}{key}").to(param.device)
+                _set_full_state(ds, param, key, value)
+    for param_state in base.state.values():
+        if meta["step"] is not None and "step" in param_state:
+            step = param_state["step"]
+            if torch.is_tensor(step):
+                step.fill_(meta["step"])
+            else:
+                param_state["step"] = type(step)(meta["step"])
+    scaler = getattr(ds.optimizer, "loss_scaler", None)
+    if meta.get("loss_scale") is not None and scaler is not None:
+        scaler.cur_scale = meta["loss_scale"]
+
+
+def restore_checkpoint(
+    directory: str, engine: Any, rank: int, world_size: int, seed: int
+) -> TrainState:
+    """Load model, teacher, optimizer, RNG and method state from ``directory`` on every rank, at
+    any world size and ZeRO stage (see the module docstring)."""
+    state = check_complete(directory)
+    path = Path(directory)
+    _load_module(engine, TensorFiles(path, MODEL_PREFIX), rank)
+    _load_optimizer(engine, path)
+    engine.engine.global_steps = state.step
+    if state.world_size == world_size:
+        load_rng_state(path / RNG_DIR / f"rank_{rank}{RNG_SUFFIX}")
+    else:
+        reseed_rng(seed, state.step, rank)
     engine.module.load_extra_state(directory)
-    log.info("resumed from %s at step %d", directory, state.step)
+    log.info(
+        "resumed from %s at step %d (saved by %d workers under ZeRO-%d; now %d workers, ZeRO-%d)",
+        directory,
+        state.step,
+        state.world_size,
+        state.zero_stage,
+        world_size,
+        engine.zero_stage,
+    )
+    state.world_size, state.zero_stage = world_size, engine.zero_stage
     return state
 
 
@@ -216,25 +489,13 @@ def export_backbone(
     return weights.uri
 
 
-def load_module_state(uri: str, storage: StorageConfig, zero_stage: int) -> dict[str, torch.Tensor]:
+def load_module_state(uri: str, storage: StorageConfig) -> dict[str, torch.Tensor]:
     """The whole module's float32 state dict from a checkpoint directory (local or ``s3://``),
-    on the caller's CPU: DeepSpeed's ``mp_rank_00_model_states.pt`` under ZeRO 0-2, the ranks'
-    partitions merged under ZeRO-3."""
+    on the caller's CPU; reads only the ``model-*.safetensors`` files."""
     import tempfile
 
     loc = resolve(uri, storage)
     with tempfile.TemporaryDirectory(prefix="ray-ssl-ckpt-") as tmp:
-        loc.fs.get(loc.path.rstrip("/") + "/", tmp, recursive=True)
-        local = Path(tmp) / DEEPSPEED_TAG
-        if zero_stage < 3:
-            states = load_tensors(
-                local / DEEPSPEED_MODEL_STATES,
-                name=loc.join(DEEPSPEED_TAG, DEEPSPEED_MODEL_STATES).uri,
-            )
-            return states["module"]
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        for part in sorted(local.glob("*.pt")):  # names a refused file; mmap reads no tensors
-            load_tensors(part, name=loc.join(DEEPSPEED_TAG, part.name).uri, mmap=True)
-        with weights_only_loads(loc.join(DEEPSPEED_TAG).uri):  # zero_to_fp32 asks for pickle
-            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        for remote in loc.fs.glob(loc.path.rstrip("/") + f"/{MODEL_PREFIX}-*.safetensors"):
+            loc.fs.get(remote, f"{tmp}/{remote.rsplit('/', 1)[-1]}")
+        return dict(TensorFiles(Path(tmp), MODEL_PREFIX, name=uri).items())

@@ -20,8 +20,10 @@ import ray.train
 import torch
 
 from ray_ssl.config import Config, config_from_dict
+from ray_ssl.errors import UserError
 from ray_ssl.methods.registry import build_method
 from ray_ssl.models.export import EXPORT_DIR
+from ray_ssl.storage import read_bytes, resolve, write_bytes_atomic
 from ray_ssl.train.batches import PassStream
 from ray_ssl.train.checkpoint import (
     TrainState,
@@ -36,6 +38,9 @@ from ray_ssl.train.schedules import TrainSchedules
 log = logging.getLogger(__name__)
 
 KNN_METRIC = "knn_top1"
+# An input error (a UserError) met by a worker, kept in the run directory: no restart can get
+# past it, so Ray Train's retries (train.max_failures) stop at once and the driver names it.
+INPUT_ERROR_FILE = "input_error.txt"
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,9 @@ class WorkerRun:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                self.state = restore_checkpoint(directory, self.engine, self.rank, self.world_size)
+                self.state = restore_checkpoint(
+                    directory, self.engine, self.rank, self.world_size, config.train.seed
+                )
         else:
             torch.manual_seed(config.train.seed + 1 + self.rank)  # per-rank masks, drop-path
         self.launch_start = replace(self.state)
@@ -141,6 +148,7 @@ class WorkerRun:
             self.rank,
             self.world_size,
             start_step=self.state.step,
+            progress=self.state.data,
         )
 
     def knn(self) -> float:
@@ -154,6 +162,7 @@ class WorkerRun:
             ray.train.report(metrics)
             return
         self.engine.module.before_checkpoint(self.state.step)
+        self.state.data = self.stream.progress()
         with tempfile.TemporaryDirectory(prefix="ray-ssl-ckpt-") as directory:
             save_checkpoint(directory, self.engine, self.state, self.config, self.rank)
             ray.train.report(
@@ -237,7 +246,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     configure_logging()
     config = config_from_dict(loop_config["config"])
     plan = LoopPlan(**loop_config["plan"])
-    WorkerRun(config, plan).run()
+    recorded = resolve(plan.run_uri, config.storage).join(INPUT_ERROR_FILE)
+    if recorded.exists():  # a restart after an input error: fail again without training
+        raise UserError(read_bytes(recorded).decode())
+    try:
+        WorkerRun(config, plan).run()
+    except UserError as err:
+        write_bytes_atomic(recorded, str(err).encode())
+        raise
 
 
 def loop_config_for(config_dict: dict[str, Any], plan: LoopPlan) -> dict[str, Any]:

@@ -2,9 +2,14 @@
 
 Every input problem is found here, on the driver, before a worker starts: config values the
 dataclasses cannot express, missing or too-small shard sets, images smaller than the crops, and a
-run directory that already holds a run of another model or worker layout. Launching the same
+run directory that already holds a run of another model or method. Launching the same
 ``train.run_name`` under the same ``train.storage_path`` again resumes from its latest checkpoint
-(Ray Train restores the run's checkpoint list; each worker loads it in ``train_loop_per_worker``).
+(Ray Train restores the run's checkpoint list; each worker loads it in ``train_loop_per_worker``)
+with any worker count and ZeRO stage: checkpoints are consolidated (``ray_ssl.train.checkpoint``)
+and the data position is global (``ray_ssl.data.position``). With ``train.min_workers`` the run
+is elastic: Ray Train's ``ScalingConfig(num_workers=(min, max))`` starts it on as many workers
+as fit and, after a failure or when resources appear, restarts it at another size from the
+latest checkpoint.
 Around training the method's driver (:class:`~ray_ssl.methods.base.MethodDriver`) completes the
 config, starts and stops what must outlive the workers, and runs the method's final evaluation;
 the driver also writes the report (kNN of the backbone against raw pixels) and curves.
@@ -23,6 +28,7 @@ from typing import Any
 
 from ray_ssl.config import Config, ConfigError, method_plugin, to_dict, training_views
 from ray_ssl.data.shards import Manifest, check_pairs, read_manifest
+from ray_ssl.errors import UserError
 from ray_ssl.methods.base import Method, MethodDriver
 from ray_ssl.methods.registry import build_method, method_driver
 from ray_ssl.paths import resolve_config_paths
@@ -33,7 +39,13 @@ from ray_ssl.train.checkpoint import (
     TrainState,
     load_module_state,
 )
-from ray_ssl.train.loop import EXPORT_DIR, LoopPlan, loop_config_for, train_loop_per_worker
+from ray_ssl.train.loop import (
+    EXPORT_DIR,
+    INPUT_ERROR_FILE,
+    LoopPlan,
+    loop_config_for,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +54,8 @@ RUN_CONFIG_FILE = "ray_ssl_config.json"
 # started with other values cannot be resumed by this config. (Regularisation such as drop-path
 # and the schedules may change between launches.)
 MODEL_SHAPE_KEYS = ("arch", "depth", "patch_size", "img_size", "in_chans", "num_registers")
-LAYOUT_KEYS = ("method", "num_workers", "zero_stage")
+# The worker count and ZeRO stage may change: checkpoints hold the consolidated state.
+LAYOUT_KEYS = ("method",)
 # Peak bytes per pixel of the raw-pixel kNN: uint8 images (list and stacked copy), their float32
 # copy and its L2-normalised float32 copy.
 PIXEL_KNN_BYTES_PER_PIXEL = 10
@@ -177,7 +190,7 @@ def _pick(values: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 
 def check_run_directory(config: Config) -> None:
-    """Refuse to resume a run directory that holds a run of another model or worker layout."""
+    """Refuse to resume a run directory that holds a run of another model or method."""
     loc = resolve(run_uri_of(config), config.storage).join(RUN_CONFIG_FILE)
     if not loc.exists():
         return
@@ -188,7 +201,7 @@ def check_run_directory(config: Config) -> None:
             name = ".".join(keys)
             raise CheckpointError(
                 f"run '{config.train.run_name}' in {config.train.storage_path} holds checkpoints "
-                f"of another model or layout ({name}={_pick(saved, keys)!r}, now "
+                f"of another model or method ({name}={_pick(saved, keys)!r}, now "
                 f"{_pick(current, keys)!r}); choose another train.run_name or delete "
                 f"{run_uri_of(config)}"
             )
@@ -228,7 +241,9 @@ def build_trainer(config: Config, plan: LoopPlan, callbacks: Sequence[Any] = ())
         train_loop_per_worker,
         train_loop_config=loop_config_for(to_dict(config), plan),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+            num_workers=t.num_workers if t.min_workers is None else (t.min_workers, t.num_workers),
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=t.run_name,
@@ -245,7 +260,7 @@ def build_trainer(config: Config, plan: LoopPlan, callbacks: Sequence[Any] = ())
 def _final_state(checkpoint: Any) -> TrainState:
     """``train_state.json`` of a (possibly remote) checkpoint, without downloading the shards."""
     with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{STATE_FILE}") as fh:
-        return TrainState(**json.loads(fh.read()))
+        return TrainState.from_json(json.loads(fh.read()))
 
 
 def pixel_baseline(config: Config, num_classes: int) -> float:
@@ -301,9 +316,24 @@ def _trained_method(config: Config, checkpoint: Any) -> Method:
     uri = checkpoint.path
     if config.train.storage_path.startswith("s3://"):
         uri = f"s3://{uri}"
-    state = load_module_state(uri, config.storage, config.train.zero_stage)
+    state = load_module_state(uri, config.storage)
     method.load_state_dict(state, strict=False)  # extra state (e.g. a running Z) is not needed
     return method.eval()
+
+
+def _fit(config: Config, plan: LoopPlan, callbacks: Sequence[Any]) -> Any:
+    """``TorchTrainer.fit``; an input error a worker met is raised as that one-line error."""
+    from ray.train import TrainingFailedError
+
+    recorded = resolve(plan.run_uri, config.storage).join(INPUT_ERROR_FILE)
+    if recorded.exists():  # from an earlier launch: the user may have fixed the input since
+        recorded.fs.rm(recorded.path)
+    try:
+        return build_trainer(config, plan, callbacks).fit()
+    except TrainingFailedError as err:
+        if recorded.exists():
+            raise UserError(read_bytes(recorded).decode()) from err
+        raise
 
 
 def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutcome:
@@ -329,7 +359,7 @@ def run_training(config: Config, callbacks: Sequence[Any] = ()) -> TrainingOutco
     )
     driver.setup()
     try:
-        result = build_trainer(config, plan, callbacks).fit()
+        result = _fit(config, plan, callbacks)
         report_uri, evaluation = None, {}
         checkpoint = result.checkpoint
         if checkpoint is not None and config.data.eval_uri is not None:
