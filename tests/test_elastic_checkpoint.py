@@ -1,10 +1,12 @@
-"""Consolidated checkpoints: saved under one ZeRO stage, resumed under another, the run goes on
-exactly as if uninterrupted (weights, Adam moments and step count all carried over).
+"""Consolidated checkpoints: saved under one ZeRO stage, resumed under another, the whole state
+(weights, float32 master copies, Adam moments, step count) carries over exactly.
 
-One process, one gloo rank, the deterministic toy method of test_engine: train, save, train on
-(the reference); then a fresh engine under another stage restores and trains the same steps;
-the losses must agree to float32 rounding. Changing the world size is tested end to end in
-test_elastic_resume.py.
+One process, one gloo rank, the deterministic toy method of test_engine. Across stages the check
+is the state itself: restored under stage B and saved again at once, every tensor equals the one
+saved under stage A. The losses cannot be the check there: two stages already differ in the
+float32 rounding of a step (ZeRO-2 and ZeRO-3 from the same start part at the 4th digit after
+one step on this toy, no checkpoint involved). Under one stage a resume continues bit for bit.
+Changing the world size is tested end to end in test_elastic_resume.py.
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ray_ssl.data.position import ConsumedFilter, PassProgress, from_intervals, to_intervals
 
-STAGE_PAIRS = [(2, 3), (3, 0), (0, 1)]
+STAGE_PAIRS = [(2, 3), (3, 0), (0, 1), (3, 3)]
 STEPS_BEFORE, STEPS_AFTER = 2, 3
-LOSS_RTOL = 1e-5
 
 
 def _losses(engine: Any, steps: range) -> list[float]:
@@ -37,11 +36,31 @@ def _stage_round_trips(queue: Any, directory: str) -> None:
         queue.put({"error": traceback.format_exc()})
 
 
+def _different_tensors(first: Path, second: Path) -> list[str]:
+    import torch
+
+    from ray_ssl.train.checkpoint import MODEL_PREFIX, OPTIMIZER_PREFIX, TensorFiles
+
+    different = []
+    for prefix in (MODEL_PREFIX, OPTIMIZER_PREFIX):
+        a, b = TensorFiles(first, prefix), TensorFiles(second, prefix)
+        assert sorted(a.keys()) == sorted(b.keys()), prefix
+        different += [k for k in a.keys() if not torch.equal(a.get(k), b.get(k))]
+    return different
+
+
 def _round_trips(directory: str) -> dict[str, Any]:
+    import json
+
     import torch
     from test_engine import ToyMethod, toy_config
 
-    from ray_ssl.train.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+    from ray_ssl.train.checkpoint import (
+        OPTIMIZER_META,
+        TrainState,
+        restore_checkpoint,
+        save_checkpoint,
+    )
     from ray_ssl.train.engine import build_engine
     from ray_ssl.train.schedules import TrainSchedules
 
@@ -56,18 +75,23 @@ def _round_trips(directory: str) -> dict[str, Any]:
     for save_stage, load_stage in STAGE_PAIRS:
         engine, config = engine_at(save_stage)
         _losses(engine, range(STEPS_BEFORE))
-        ckpt = Path(directory, f"zero{save_stage}-to-{load_stage}")
-        ckpt.mkdir()
-        state = TrainState(step=STEPS_BEFORE, zero_stage=save_stage)
-        save_checkpoint(str(ckpt), engine, state, config, 0)
+        saved, again = (Path(directory, f"zero{save_stage}-to-{load_stage}-{n}") for n in "ab")
+        saved.mkdir()
+        again.mkdir()
+        save_checkpoint(str(saved), engine, TrainState(step=STEPS_BEFORE), config, 0)
         reference = _losses(engine, after)
-        resumed, _ = engine_at(load_stage)
-        restored = restore_checkpoint(str(ckpt), resumed, 0, 1, seed=0)
+        resumed, resumed_config = engine_at(load_stage)
+        restored = restore_checkpoint(str(saved), resumed, 0, 1, seed=0)
+        save_checkpoint(str(again), resumed, TrainState(step=STEPS_BEFORE), resumed_config, 0)
         results[f"{save_stage}->{load_stage}"] = {
             "step": restored.step,
             "reference": reference,
             "resumed": _losses(resumed, after),
-            "files": sorted(p.name for p in ckpt.iterdir()),
+            "different": _different_tensors(saved, again),
+            "adam_step": [
+                json.loads((d / OPTIMIZER_META).read_text())["step"] for d in (saved, again)
+            ],
+            "files": sorted(p.name for p in saved.iterdir()),
         }
     return results
 
@@ -80,19 +104,18 @@ def test_checkpoint_resumes_under_another_zero_stage(tmp_path: Path) -> None:
     results = queue.get()
     worker.join()
     assert "error" not in results, results.get("error")
-    assert sorted(results) == [f"{a}->{b}" for a, b in sorted(STAGE_PAIRS)]
-    drifted = []
+    assert sorted(results) == sorted(f"{a}->{b}" for a, b in STAGE_PAIRS)
     for pair, got in results.items():
         assert got["step"] == STEPS_BEFORE, pair
-        # The first step after the restore: weights (student, EMA teacher) restored exactly.
-        assert got["resumed"][0] == pytest.approx(got["reference"][0], rel=LOSS_RTOL), pair
-        if got["resumed"] != pytest.approx(got["reference"], rel=LOSS_RTOL):
-            drifted.append((pair, got["resumed"], got["reference"]))
+        assert got["different"] == [], pair  # every weight, master copy and moment, exactly
+        assert got["adam_step"] == [STEPS_BEFORE, STEPS_BEFORE], pair
+        # The first loss after the restore depends on the weights alone: equal under any stage.
+        assert got["resumed"][0] == got["reference"][0], pair
         assert "model-00000.safetensors" in got["files"] and not any(
             name.endswith(".pt") for name in got["files"]
         ), pair
-    if drifted:  # known open issue (see the report of the elastic branch): not yet bit-exact
-        pytest.xfail(f"later steps drift after a change of ZeRO stage: {drifted}")
+    same_stage = results["3->3"]
+    assert same_stage["resumed"] == same_stage["reference"]  # bit for bit
 
 
 def test_pass_progress_intervals_and_filter() -> None:
