@@ -9,4 +9,11 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad input or environment: the message is one line naming the problem and the fix."""
+    """Bad input or environment: the message is one line naming the problem and the fix.
+
+    ``transient`` marks a fault that a restart can clear (e.g. a lost memory-bank shard): Ray
+    Train retries it. Any other UserError is the input's fault, and a training run's restarts
+    fail at once with the same line instead of retrying it.
+    """
+
+    transient = False

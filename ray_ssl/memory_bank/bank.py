@@ -59,6 +59,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray_ssl.config import StorageConfig
 from ray_ssl.memory_bank.shard import (
     DTYPES,
+    BankFaultError,
     BankShard,
     MemoryBankError,
     ShardState,
@@ -171,6 +172,7 @@ class ShardedMemoryBank:
         self._placement_group = None
         self._expected: list[ShardState] = []  # the state of every shard this client serves
         self._broken: str | None = "not attached yet"  # why this client refuses to serve
+        self._broken_error: type[MemoryBankError] = MemoryBankError  # BankFaultError: a fault
         handles = self._existing_handles()
         if handles is None and create:
             self.handles: list[Any] = self._create_handles()
@@ -295,14 +297,15 @@ class ShardedMemoryBank:
             problem = "its shards hold rows of different resets or restores"
         else:
             self._expected = [ShardState(i["incarnation"], i["generation"]) for i in infos]
-            self._broken = None
+            self._broken, self._broken_error = None, MemoryBankError
             return True
+        self._broken_error = BankFaultError
         self._broken = (
             f"memory bank '{self.spec.name}' is not consistent: {problem}; reset it or restore "
             "every shard from one snapshot (a run resumes from its checkpoint)"
         )
         if raise_if_inconsistent:
-            raise MemoryBankError(self._broken)
+            raise BankFaultError(self._broken)
         return False
 
     def reattach(self) -> None:
@@ -328,7 +331,7 @@ class ShardedMemoryBank:
         Raises nothing for dead shards, so that it can run in a ``finally`` without masking
         the exception that ended the run.
         """
-        self._broken = "this memory bank was shut down"
+        self._broken, self._broken_error = "this memory bank was shut down", MemoryBankError
         self._io.shutdown(wait=False, cancel_futures=True)
         self._inflight.clear()
         for handle in self.handles:
@@ -354,21 +357,23 @@ class ShardedMemoryBank:
             try:
                 value = ray.get(ref)
             except RayActorError as err:
+                self._broken_error = BankFaultError
                 self._broken = (
                     f"memory bank '{self.spec.name}' shard {shard} of {self.num_shards} died "
                     f"({type(err).__name__}); its rows and in-flight updates are lost: restore "
                     "every shard from one snapshot (a run resumes from its checkpoint)"
                 )
-                raise MemoryBankError(self._broken) from None
+                raise BankFaultError(self._broken) from None
             except RayTaskError as err:
                 if isinstance(err.cause, MemoryBankError):
                     if expect:
-                        self._broken = str(err.cause)
-                    raise MemoryBankError(str(err.cause)) from None
+                        self._broken, self._broken_error = str(err.cause), type(err.cause)
+                    raise type(err.cause)(str(err.cause)) from None
                 raise
             if expect:
                 state, *payload = value
                 if state != self._expected[shard]:
+                    self._broken_error = BankFaultError
                     self._broken = (
                         f"memory bank '{self.spec.name}' shard {shard} changed under this client "
                         f"(incarnation {self._expected[shard].incarnation} -> "
@@ -376,7 +381,7 @@ class ShardedMemoryBank:
                         f"{state.generation}): it restarted or the bank was restored elsewhere; "
                         "reattach after a consistent restore"
                     )
-                    raise MemoryBankError(self._broken)
+                    raise BankFaultError(self._broken)
                 value = payload[0] if len(payload) == 1 else tuple(payload)
             results.append(value)
         return results
@@ -414,7 +419,7 @@ class ShardedMemoryBank:
 
     def _serving(self) -> None:
         if self._broken is not None:
-            raise MemoryBankError(self._broken)
+            raise self._broken_error(self._broken)
 
     # -- validation and routing ------------------------------------------------------------------
     def _rows(self, rows: Any) -> np.ndarray:
@@ -577,8 +582,9 @@ class ShardedMemoryBank:
             return self._control(method, lambda s: (*args_of(s), generation))
 
         self._broken = f"memory bank '{self.spec.name}' is being reset or restored"
+        self._broken_error = BankFaultError
         self._expected = self._run(run)  # stays broken if a shard fails on the way
-        self._broken = None
+        self._broken, self._broken_error = None, MemoryBankError
 
     def reset(self) -> None:
         """Set every shard to the seeded initial bank (the state of a run at step 0)."""

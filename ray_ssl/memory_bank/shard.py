@@ -43,6 +43,13 @@ class MemoryBankError(UserError, ValueError):
     mismatch); the one-line message says what happened and how to go on."""
 
 
+class BankFaultError(MemoryBankError):
+    """A shard died or restarted, so the bank lost rows: not bad input. A training run restarts
+    from its checkpoint, which restores every shard (``transient``: Ray Train retries it)."""
+
+    transient = True
+
+
 class ShardState(NamedTuple):
     """What a call result was computed from: the serving process and the bank-wide state.
 

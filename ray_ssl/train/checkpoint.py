@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 MODEL_PREFIX = "model"
 OPTIMIZER_PREFIX = "optimizer"
 OPTIMIZER_META = "optimizer.json"
+MODULE_EXTRA_FILE = "module_extra.json"  # a module's non-tensor state (``get_extra_state``)
 MASTER_KEY = "fp32"  # the float32 master copy of a trainable parameter
 STATE_SEPARATOR = "::"
 TENSOR_FILE_BYTES = 2 << 30  # split the consolidated state into files of at most ~2 GiB
@@ -317,9 +318,14 @@ def save_checkpoint(
     if rank == 0:
         optimizer_files.flush()
         model_files = TensorFileWriter(path, MODEL_PREFIX)
-        for name, tensor in module_state.items():
-            model_files.add(name, tensor)
+        extra = {}
+        for name, value in module_state.items():
+            if torch.is_tensor(value):
+                model_files.add(name, value)
+            else:
+                extra[name] = value
         model_files.flush()
+        (path / MODULE_EXTRA_FILE).write_text(_extra_state_json(extra))
         scaler = getattr(ds.optimizer, "loss_scaler", None)
         meta = {"keys": keys, "step": step, "loss_scale": getattr(scaler, "cur_scale", None)}
         (path / OPTIMIZER_META).write_text(json.dumps(meta))
@@ -328,6 +334,17 @@ def save_checkpoint(
         (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=1))
     (path / COMPLETE_DIR).mkdir(exist_ok=True)
     (path / COMPLETE_DIR / f"rank_{rank}").write_text(str(state.step))
+
+
+def _extra_state_json(extra: dict[str, Any]) -> str:
+    """A module's non-tensor state entries as JSON (no pickle in a checkpoint)."""
+    try:
+        return json.dumps(extra)
+    except TypeError as err:
+        raise CheckpointError(
+            f"module state {sorted(extra)} is neither tensors nor JSON ({err}); return plain "
+            "numbers, strings, lists and dicts from get_extra_state"
+        ) from None
 
 
 def read_train_state(directory: str) -> TrainState:
@@ -386,7 +403,10 @@ def _load_module(engine: Any, model: TensorFiles, rank: int) -> None:
     partitioned = any(hasattr(p, "ds_tensor") for p in params)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=partitioned):
         if rank == 0 or not partitioned:
-            state = dict(model.items())
+            state: dict[str, Any] = dict(model.items())
+            extra = model.paths[0].parent / MODULE_EXTRA_FILE
+            if extra.is_file():
+                state.update(json.loads(extra.read_text()))
             missing = sorted(set(module.state_dict()) - set(state))
             if missing:
                 raise CheckpointError(
@@ -449,10 +469,9 @@ def restore_checkpoint(
     return state
 
 
-def gathered_state_dict(
-    module: nn.Module, state_dict_fn: Any, rank: int
-) -> dict[str, torch.Tensor]:
-    """Full float32 CPU tensors of ``state_dict_fn()`` on rank 0 ({} elsewhere).
+def gathered_state_dict(module: nn.Module, state_dict_fn: Any, rank: int) -> dict[str, Any]:
+    """Full float32 CPU tensors of ``state_dict_fn()`` on rank 0 ({} elsewhere); a non-tensor
+    entry (a module's ``get_extra_state``) passes through as it is.
 
     Under ZeRO-3 the parameters are gathered first, a collective: every rank must call this.
     """
@@ -463,7 +482,10 @@ def gathered_state_dict(
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
         if rank != 0:
             return {}
-        return {k: v.detach().float().cpu().clone() for k, v in state_dict_fn().items()}
+        return {
+            k: v.detach().float().cpu().clone() if torch.is_tensor(v) else v
+            for k, v in state_dict_fn().items()
+        }
 
 
 def export_backbone(

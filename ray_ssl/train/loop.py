@@ -252,7 +252,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         WorkerRun(config, plan).run()
     except UserError as err:
-        write_bytes_atomic(recorded, str(err).encode())
+        if not err.transient:  # bad input: a restart would meet it again
+            write_bytes_atomic(recorded, str(err).encode())
         raise
 
 
