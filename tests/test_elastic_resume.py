@@ -25,6 +25,16 @@ from ray_ssl.data.shards import write_shard_set
 from ray_ssl.train.trainer import run_training
 
 BATCH, SAMPLES, STEPS_PER_LEG = 24, 100, 3
+# Franca at its smallest on 8 x 8 RGB synthetic images (also used by test_node_faults).
+TINY_FRANCA = [
+    "views.channels=3",
+    "model.in_chans=3",
+    "views.global_size=8",
+    "views.local_size=4",
+    "views.local_crops=2",
+    "model.img_size=8",
+    "model.depth=1",
+]
 LEGS = [(2, 2), (1, 3), (3, 1)]  # (workers, ZeRO stage)
 STEPS_PER_PASS = SAMPLES // BATCH
 
@@ -46,13 +56,7 @@ def _launch(uri: str, storage: Path, leg: int, workers: int, stage: int) -> dict
             f"data.uri={uri}",
             "data.eval_uri=null",
             f"data.batch_size={BATCH}",
-            "views.channels=3",
-            "model.in_chans=3",
-            "views.global_size=8",
-            "views.local_size=4",
-            "views.local_crops=2",
-            "model.img_size=8",
-            "model.depth=1",
+            *TINY_FRANCA,
             f"train.num_workers={workers}",
             f"train.zero_stage={stage}",
             f"train.epochs={leg + 1}",

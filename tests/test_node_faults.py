@@ -47,6 +47,7 @@ def _run_with_a_node_fault(root: str) -> dict:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
     from ray.cluster_utils import Cluster
+    from test_elastic_resume import TINY_FRANCA
 
     from ray_ssl.config import ShardsConfig, StorageConfig, load_config
     from ray_ssl.data.shards import write_shard_set
@@ -71,13 +72,7 @@ def _run_with_a_node_fault(root: str) -> dict:
             f"data.uri={uri}",
             "data.eval_uri=null",
             f"data.batch_size={BATCH}",
-            "views.channels=3",
-            "model.in_chans=3",
-            "views.global_size=8",
-            "views.local_size=4",
-            "views.local_crops=2",
-            "model.img_size=8",
-            "model.depth=1",
+            *TINY_FRANCA,
             "train.num_workers=2",
             "train.min_workers=1",
             f"train.cpus_per_worker={NODE_CPUS}",
