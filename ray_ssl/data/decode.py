@@ -162,7 +162,8 @@ def build_views_batch(
     )
     if consumed is None:
         return result
-    keep = ~(skip | (corrupt & consumed.corrupt_consumed(problem)))
+    keep = ~skip
+    keep[corrupt] &= ~consumed.corrupt_consumed(problem[corrupt])  # text checks: bad rows only
     return {name: column[keep] for name, column in result.items()}
 
 
