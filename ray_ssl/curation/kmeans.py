@@ -168,7 +168,8 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray,
     """Per-cluster float64 sums of the rows [k, d] and int64 counts [k].
 
     One float64 ``index_add_`` per chunk of rows: each sum accumulates its rows in row order, so
-    the result is deterministic (2.5x faster than sorting then ``np.add.reduceat``, measured).
+    the result is deterministic (15 -> 9 ms per 20k x 64 block against sorting then
+    ``np.add.reduceat``, measured on one core).
     """
     x = as_points(x)
     sums = torch.zeros((k, x.shape[1]), dtype=torch.float64)
