@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from ray_ssl.memory_bank.bank import BankSpec, ShardedMemoryBank, shard_bounds
-from ray_ssl.memory_bank.shard import BankShard, MemoryBankError, initial_rows
+from ray_ssl.memory_bank.shard import BankFaultError, BankShard, MemoryBankError, initial_rows
 
 DIM = 8
 STEPS = 15  # updates per concurrent worker
@@ -258,7 +258,7 @@ def test_shutdown_with_a_dead_shard_cleans_up(ray_local) -> None:
 def test_snapshots_through_s3_are_atomic_and_pruned(s3_bucket: str) -> None:
     prefix = f"{s3_bucket}/run/bank/shard-000"
     shard = BankShard(10, 20, DIM, "float16", seed=4, snapshot_prefix=prefix)
-    with pytest.raises(MemoryBankError, match="holds no rows"):  # empty until reset/restore
+    with pytest.raises(BankFaultError, match="holds no rows"):  # a fault: empty until restored
         shard.gather(np.arange(10, 20))
     shard.reset(generation=1)
     shard.update(np.arange(10, 20), np.ones((10, DIM), np.float32), 0.5, generation=1)

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import get_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -90,6 +90,9 @@ class BankSpec:
     max_restarts: int = 3  # Ray restarts of a dead shard, empty until the bank is restored
     max_inflight_updates: int = 4
     cpus_per_shard: float = 0.5
+    # A custom Ray resource every shard also takes one unit of: the shards run only on nodes
+    # that offer it (``ray start --resources='{"<name>": <shards>}'``), e.g. high-memory nodes.
+    resource: str | None = None
     keep_snapshots: int = 3  # per shard; older step snapshots are pruned after each snapshot
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -226,7 +229,7 @@ class ShardedMemoryBank:
         try:
             pg = get_placement_group(pg_name)
         except ValueError:
-            bundles = [{"CPU": self.spec.cpus_per_shard} for _ in range(self.num_shards)]
+            bundles = [self._shard_resources() for _ in range(self.num_shards)]
             return placement_group(bundles, strategy="SPREAD", name=pg_name)
         if len(pg.bundle_specs) != self.num_shards:
             raise MemoryBankError(
@@ -235,12 +238,19 @@ class ShardedMemoryBank:
             )
         return pg
 
+    def _shard_resources(self) -> dict[str, float]:
+        """The Ray resources of one shard (its placement group bundle)."""
+        resources = {"CPU": self.spec.cpus_per_shard}
+        if self.spec.resource is not None:
+            resources[self.spec.resource] = 1.0
+        return resources
+
     def _create_handles(self) -> list[Any]:
         pg = self._placement()
         if not pg.wait(PLACEMENT_TIMEOUT_S):
             raise MemoryBankError(
                 f"memory bank placement group needs {self.num_shards} x "
-                f"{self.spec.cpus_per_shard} CPU and could not be placed in "
+                f"{self._shard_resources()} and could not be placed in "
                 f"{PLACEMENT_TIMEOUT_S:.0f}s; lower instdisc.bank_shards or add nodes"
             )
         self._placement_group = pg
@@ -257,6 +267,7 @@ class ShardedMemoryBank:
                     max_task_retries=0,  # no blind retries: a retry may reorder or repeat updates
                     max_concurrency=1,  # one call at a time: per-caller order, atomic updates
                     num_cpus=self.spec.cpus_per_shard,
+                    resources={self.spec.resource: 1.0} if self.spec.resource else None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         pg, placement_group_bundle_index=i
                     ),
@@ -316,7 +327,7 @@ class ShardedMemoryBank:
 
     def info(self) -> list[dict]:
         """Each shard's ``BankShard.info()``."""
-        return self._run(lambda: self._control("info", lambda s: ()))
+        return self._run(lambda: self._control("info", lambda s: (), bounded=True))
 
     def _shards(self) -> list[tuple[int, Any]]:
         return list(enumerate(self.handles))
@@ -386,30 +397,42 @@ class ShardedMemoryBank:
             results.append(value)
         return results
 
-    def _control(self, method: str, args_of: Callable[[int], tuple]) -> list[Any]:
+    def _control(
+        self, method: str, args_of: Callable[[int], tuple], bounded: bool = False
+    ) -> list[Any]:
         """Call an idempotent shard method (info, reset, restore) on every shard.
 
         A shard that Ray is restarting (``ActorUnavailableError``) is asked again until
-        ``ATTACH_TIMEOUT_S``: running such a call twice does no harm, unlike an update.
+        ``ATTACH_TIMEOUT_S``: running such a call twice does no harm, unlike an update. With
+        ``bounded`` a shard waiting to be placed (its node gone, no other node with its
+        resources) fails the call after ``ATTACH_TIMEOUT_S`` too, rather than waiting for a node
+        that may never come; a restore of a large shard may take longer, so it is not bounded.
         """
 
         def submit(shard: int) -> Any:
             return getattr(self.handles[shard], method).remote(*args_of(shard))
+
+        def unavailable(shard: int) -> BankFaultError:  # a fault (a node gone), not bad input
+            return BankFaultError(
+                f"memory bank '{self.spec.name}' shard {shard} stayed unavailable for "
+                f"{ATTACH_TIMEOUT_S:.0f}s; check that the Ray cluster has nodes with "
+                f"{self._shard_resources()} per shard"
+            )
 
         refs = [submit(s) for s in range(self.num_shards)]
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
         results = []
         for shard in range(self.num_shards):
             while True:
+                timeout = max(0.0, deadline - time.monotonic()) if bounded else None
                 try:
-                    results.append(ray.get(refs[shard]))
+                    results.append(ray.get(refs[shard], timeout=timeout))
                     break
+                except GetTimeoutError:
+                    raise unavailable(shard) from None
                 except ActorUnavailableError:
                     if time.monotonic() > deadline:
-                        raise MemoryBankError(
-                            f"memory bank '{self.spec.name}' shard {shard} stayed unavailable "
-                            f"for {ATTACH_TIMEOUT_S:.0f}s; check the Ray cluster's nodes"
-                        ) from None
+                        raise unavailable(shard) from None
                     time.sleep(ATTACH_POLL_S)
                     refs[shard] = submit(shard)
                 except (RayActorError, RayTaskError):

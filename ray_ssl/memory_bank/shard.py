@@ -135,8 +135,8 @@ class BankShard:
     # -- state -------------------------------------------------------------------------------
     def _serving(self) -> tuple[ShardState, np.ndarray]:
         """The state stamp of a result, or the one-line refusal of an empty shard."""
-        if self.generation is None or self.features is None:
-            raise MemoryBankError(
+        if self.generation is None or self.features is None:  # a fault, not bad input
+            raise BankFaultError(
                 f"bank shard [{self.lo}, {self.hi}) (process {os.getpid()}) holds no rows: it "
                 "was restarted and lost them; reset the bank or restore every shard from one "
                 "snapshot (a run resumes from its checkpoint)"

@@ -85,6 +85,7 @@ def bank_spec(config: Config) -> BankSpec:
         max_restarts=inst.bank_max_restarts,
         max_inflight_updates=inst.max_inflight_updates,
         cpus_per_shard=inst.bank_cpus_per_shard,
+        resource=inst.bank_resource,
         keep_snapshots=train.keep_checkpoints + 1,
         storage=config.storage,
     )

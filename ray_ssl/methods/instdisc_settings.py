@@ -37,6 +37,9 @@ class InstDiscSettings:
     bank_shards: int = 2
     bank_dtype: Literal["float16", "float32"] = "float32"
     bank_cpus_per_shard: float = 0.5
+    # A custom Ray resource each shard takes one unit of, so the shards run only on the nodes
+    # started with it (`ray start --resources='{"bank": 2}'`); None: any node with the CPUs.
+    bank_resource: str | None = None
     bank_max_restarts: int = 3  # Ray restarts of a dead shard (empty: the run resumes)
     max_inflight_updates: int = 4
     knn_k: int = 200
