@@ -245,3 +245,39 @@ def test_images_decode_in_the_fixture(broken_local):
     with loc.join("shard-000005.tar").fs.open(loc.join("shard-000005.tar").path, "rb") as fh:
         sample = next(iter_tar(fh))
     assert np.asarray(Image.open(io.BytesIO(sample.image))).shape == (8, 8)
+
+
+def test_bad_input_in_a_worker_ends_the_run_and_is_recorded(ray_local, tmp_path):
+    """Corrupt samples over the limit, met inside a Train worker: the run ends at that first
+    failure with the one-line error (Ray Train's controller stopped it: no restart of the
+    ``train.max_failures=3``), which the run directory's input-error file holds."""
+    from ray.train import ControllerError
+    from test_elastic_resume import TINY_FRANCA
+
+    from ray_ssl.errors import UserError
+    from ray_ssl.train.loop import INPUT_ERROR_FILE
+    from ray_ssl.train.trainer import run_training
+
+    uri = _synthetic_with_bad(tmp_path, {shard: 16 for shard in range(8)})  # 25% of every shard
+    config = load_config(
+        "local",
+        [
+            f"data.uri={uri}",
+            "data.eval_uri=null",
+            "data.batch_size=32",
+            *TINY_FRANCA,
+            "train.steps_per_epoch=4",
+            "train.max_failures=3",
+            "train.torch_threads=1",
+            f"train.storage_path={tmp_path}/runs",
+            "train.run_name=bad",
+        ],
+    )
+    with pytest.raises(UserError, match=r"exceed 1% of the 512 samples") as raised:
+        run_training(config)
+    message = str(raised.value)
+    assert "\n" not in message
+    run = tmp_path / "runs" / "bad"
+    assert (run / INPUT_ERROR_FILE).read_text() == message
+    assert isinstance(raised.value.__cause__, ControllerError)  # not retries run out
+    assert not list(run.glob("step_*"))

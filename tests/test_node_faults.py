@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-BATCH, SAMPLES, STEPS, CHECKPOINT_EVERY = 24, 100, 24, 2
+BATCH, SAMPLES, STEPS, CHECKPOINT_EVERY = 24, 100, 12, 2
 BANK_STEPS = 12  # InstDisc: one pass of ~4 batches of 24 = 3 passes
 HEAD_CPUS, NODE_CPUS = 2, 3  # a Train worker takes all of a train node: one per node
 BANK_RESOURCE, BANK_SHARDS, BANK_NODE_CPUS = "bank", 2, 1  # 2 x 0.1 CPU: no Ray Data task fits

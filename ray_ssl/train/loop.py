@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 KNN_METRIC = "knn_top1"
 # An input error (a UserError) met by a worker, kept in the run directory: no restart can get
-# past it, so Ray Train's retries (train.max_failures) stop at once and the driver names it.
+# past it, so the run ends at that failure (train/input_errors.py; a restart that still happens
+# fails at once) and the driver names it.
 INPUT_ERROR_FILE = "input_error.txt"
 
 

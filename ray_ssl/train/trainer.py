@@ -39,6 +39,7 @@ from ray_ssl.train.checkpoint import (
     TrainState,
     load_module_state,
 )
+from ray_ssl.train.input_errors import StopOnInputError
 from ray_ssl.train.loop import (
     EXPORT_DIR,
     INPUT_ERROR_FILE,
@@ -252,7 +253,7 @@ def build_trainer(config: Config, plan: LoopPlan, callbacks: Sequence[Any] = ())
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, StopOnInputError(plan.run_uri, pin_endpoint(config.storage))],
         ),
     )
 
