@@ -1,15 +1,19 @@
 """RASA on a small trained Franca export: position left in the patch tokens, and kNN, before/after.
 
-Unless ``--export`` is given, trains a tiny Franca ViT with the local preset for a few steps
-(Fashion-MNIST 28x28 in 4x4 patches; scikit-learn digits 8x8 in 2x2 patches with ``--quick``),
-then runs ``run_rasa`` (the ``ray-ssl rasa`` job: one Ray Train worker, single views streamed
-through the data plane, the reference recipe of 9 rounds x 5 epochs, at lr ``TINY_EXPORT_LR``)
-and reads its report. The baseline is the same backbone's raw patch tokens; ours are the tokens
-with Q removed. Position, on held-out images, against chance (g+1)/(12(g-1)): the reference's
-score (round 1's regressor before; after, the regressor of a round T+1 trained the same way on
-the debiased tokens), and a closed-form affine fit (stricter than the paper's probe). kNN:
-weighted kNN (k=20, T=0.07) on the mean patch token, held-out test split. ``--workdir`` keeps
-the shards and the export for the next run.
+Unless ``--export`` is given, trains a tiny Franca ViT of the local preset on Fashion-MNIST: full,
+a 100-step training run (28x28 in 4x4 patches, 7x7 grid); ``--quick``, 8 steps in this process
+on the first 3000 images (28x28 in 7x7 patches, 4x4 grid; see ``train_quick_export``). Then runs
+``run_rasa`` (the ``ray-ssl rasa`` job: one Ray Train worker, single views streamed through the
+data plane, the reference recipe at lr ``TINY_EXPORT_LR``, 9 rounds quick and 24 full, see
+``FULL_ROUNDS``) and reads its report.
+The baseline is the same backbone's raw patch tokens; ours are the tokens with Q removed.
+Position, on held-out images, against chance (g+1)/(12(g-1)): the reference's score (round 1's
+regressor before; after, the regressor of a round T+1 trained the same way on the debiased
+tokens), and a closed-form affine fit (stricter than the paper's probe). kNN: weighted kNN
+(k=20, T=0.07) of the test split (1000 queries quick, 5000 full) against the training split, on
+the mean patch token, the feature RASA changes (it removes Q from every patch token, so from
+their mean); the CLS token, which ``ray-ssl eval``'s kNN uses, RASA leaves untouched (printed
+for reference). ``--workdir`` keeps the shards and the export for the next run.
 
 Last two lines: ``knn_change_points=<after - before, points>`` (target within +-0.5), then
 ``position_mse_after_vs_chance=<after / chance>`` (target >= 0.95).
@@ -27,35 +31,50 @@ from pathlib import Path
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from ray_ssl.config import ShardsConfig, StorageConfig, load_config  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from ray_ssl.config import ShardsConfig, StorageConfig, ViewConfig, load_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from ray_ssl.train.batches import Batch
 
 RAY_CPUS = 4  # logical CPUs: the Train worker and the Ray Data tasks mostly wait on each other
-SOURCE = {True: "digits", False: "fashion-mnist"}
-# Franca pretraining of the export: a few steps of the local preset (quick: digits at 8x8).
+# Fashion-MNIST; quick: the first QUICK_SAMPLES of each split, 28x28 in 7x7 patches (4x4 grid).
+QUICK_SAMPLES = {"train": 3000, "test": 1000}
+# The export: quick, QUICK_EXPORT_STEPS in-process steps (train_quick_export); full, a 100-step
+# run of the local preset (28x28 in 4x4 patches, 7x7 grid).
+QUICK_EXPORT_STEPS = 8  # each ~1.4 CPU-s (the heads and losses dominate at this size)
 TRAIN_OVERRIDES = {
     True: [
-        "model.img_size=8", "model.patch_size=2", "model.depth=2", "views.patch_size=2",
-        "views.global_size=8", "views.local_size=4", "data.batch_size=32",
-        "train.steps_per_epoch=8", "train.checkpoint_every=8",
+        "model.patch_size=7", "model.depth=2", "views.patch_size=7", "views.local_size=14",
+        "data.batch_size=32", "train.epochs=1",
     ],
     False: ["train.steps_per_epoch=100", "train.checkpoint_every=100"],
 }  # fmt: skip
 # RASA: the reference recipe (9 rounds, batch 128, AdamW cosine to 0, wd 0) except the lr; each
 # round takes epochs x steps_per_epoch steps over one cached streamed pass of steps_per_epoch
 # batches. The reference's round is 5 epochs of VOC trainaug, 82 x 5 = 410 steps; quick takes
-# 200 steps over one pass of the digits (1280 views), full 400 over 80 batches of Fashion-MNIST.
+# 200 steps over one cached pass of 10 batches (1280 views), full 400 over 80 batches.
 # One intra-op thread: a step is a few 2k x 192 products, where a second thread on a shared
 # 2-core machine only adds synchronisation (40 vs 12 CPU-ms a step measured, 300 vs 71 ms wall).
+# Full: T = ceil((g^2 - 1) / 2) = 24 rounds for the 7x7 grid, enough planes for the whole span of
+# the positional embedding. After a 100-step run it is still near its random init, a code spread
+# evenly over its (g^2 - 1)-dim span (37 of 48 components hold 90% of its variance, printed as
+# "positional embedding"), and a linear readout of position survives until most of that span is
+# gone: 9 rounds (18 directions) left the round-10 regressor at 0.879 of chance. The reference
+# iterates "until position-predictive signal vanishes" (valeoai/Franca rasa/README.md); its T=9
+# is the recipe for ViT-B/L. Quick's 4x4 grid has a 15-dim span: the default 9 rounds cover it.
+FULL_ROUNDS = 24
 RASA_OVERRIDES = {
     True: [
         "train.torch_threads=1",
         "rasa.steps_per_epoch=10", "rasa.epochs=20", "rasa.probe_images=300",
-        "eval.knn_max_train=1000", "eval.knn_max_test=360",
+        "eval.knn_max_train=3000", "eval.knn_max_test=1000",
     ],
     False: [
-        "train.torch_threads=1",
+        "train.torch_threads=1", f"rasa.rounds={FULL_ROUNDS}",
         "rasa.steps_per_epoch=80", "rasa.probe_images=1000",
-        "eval.knn_max_train=5000", "eval.knn_max_test=1000",
+        "eval.knn_max_train=10000", "eval.knn_max_test=5000",
     ],
 }  # fmt: skip
 # The reference's lr 2e-4 (its `train_rasa.py --lr_heads` option) suits ViT-B/L tokens, where
@@ -65,6 +84,18 @@ RASA_OVERRIDES = {
 # round 1 finds position (0.6-0.8 of chance) and the after score means something.
 TINY_EXPORT_LR = 2e-2
 POINTS = 100
+VARIANCE_SHARE = 0.9  # of the positional embedding, for the count of components that hold it
+
+
+def position_code_components(weights: str, grid: int) -> int:
+    """How many principal components of the export's positional embedding (its ``grid``^2 patch
+    rows, centred) hold ``VARIANCE_SHARE`` of its variance: the rank of the position code."""
+    import torch
+    from safetensors.torch import load_file
+
+    rows = load_file(weights)["pos_embed"][0, -grid * grid :].double()
+    energy = torch.linalg.svdvals(rows - rows.mean(0)) ** 2
+    return int((energy.cumsum(0) / energy.sum() < VARIANCE_SHARE).sum()) + 1
 
 
 def write_shards(workdir: Path, quick: bool) -> tuple[str, str]:
@@ -73,23 +104,75 @@ def write_shards(workdir: Path, quick: bool) -> tuple[str, str]:
 
     uris = []
     for split in ("train", "test"):
-        uri = str(workdir / "shards" / split)
+        uri = str(workdir / "shards" / ("quick" if quick else "full") / split)
         if not (Path(uri) / "manifest.json").is_file():
-            cfg = ShardsConfig(source=SOURCE[quick], split=split, samples_per_shard=5000)
+            limit = QUICK_SAMPLES[split] if quick else None
+            cfg = ShardsConfig(split=split, samples_per_shard=5000, max_samples=limit)
             write_shard_set(cfg, uri, StorageConfig())
         uris.append(uri)
     return uris[0], uris[1]
 
 
+def view_batches(views: ViewConfig, uri: str, count: int, size: int, seed: int) -> list[Batch]:
+    """``count`` training batches of ``size`` real images of ``uri`` in the batch contract, built
+    in this process by the data plane's own view builder and batch-level mask generator."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ray_ssl.data.stream import load_labelled_arrays, to_batch_contract
+    from ray_ssl.data.views import ViewBuilder, mask_generator
+
+    images = load_labelled_arrays(uri, StorageConfig(), count * size)[0]
+    builder, masks = ViewBuilder(views), mask_generator(views)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for start in range(0, count * size, size):
+        chunk = images[start : start + size]
+        rows = [
+            builder(Image.fromarray(i.squeeze(-1) if i.shape[-1] == 1 else i), rng) for i in chunk
+        ]
+        columns = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+        batch = to_batch_contract(columns, torch.device("cpu"))
+        if masks is not None:
+            batch["masks"] = torch.from_numpy(
+                masks.for_batch(len(batch["global_crops"]), columns["mask_seed"])
+            )
+        batches.append(batch)
+    return batches
+
+
+def train_quick_export(directory: Path, data: str) -> str:
+    """Quick: a Franca ViT of the local preset at the quick geometry, trained in this process for
+    ``QUICK_EXPORT_STEPS`` steps on real views of ``data`` by ``train_step.PlainLoop`` (the same
+    method, AdamW groups, schedules, clipping and EMA as a training run's step, measured against
+    it by ``benchmarks/train_step.py``) without the start-up of a Ray Train + DeepSpeed job."""
+    from train_step import PlainLoop
+
+    from ray_ssl.train.checkpoint import export_backbone
+
+    config = load_config("local", [f"data.uri={data}", *TRAIN_OVERRIDES[True]])
+    loop = PlainLoop(config, QUICK_EXPORT_STEPS, "cpu")
+    loop.batches = view_batches(
+        loop.method.view_spec, data, QUICK_EXPORT_STEPS, config.data.batch_size, config.train.seed
+    )
+    loop.run(QUICK_EXPORT_STEPS)
+    extra = {"step": QUICK_EXPORT_STEPS, "run": "benchmarks/rasa.py --quick"}
+    return export_backbone(loop.method.backbone(), str(directory), StorageConfig(), 0, extra)
+
+
 def train_export(workdir: Path, data: str, quick: bool) -> str:
-    """A Franca export of the local preset after a few steps; returns its weights file. An export
-    already under ``workdir`` (an earlier run with the same ``--workdir``) is reused."""
+    """A small trained Franca export; returns its weights file. Full: a run of the local preset
+    (``run_training``: Ray Train + DeepSpeed). An export already under ``workdir`` (an earlier
+    run with the same ``--workdir``) is reused."""
     from ray_ssl.train.trainer import run_training
 
     name = f"franca-{'quick' if quick else 'full'}"
     existing = workdir / "runs" / name / "export" / "teacher_backbone.safetensors"
     if existing.is_file():
         return str(existing)
+    if quick:
+        return train_quick_export(existing.parent, data)
     overrides = [
         f"data.uri={data}",
         "data.eval_uri=null",
@@ -97,7 +180,7 @@ def train_export(workdir: Path, data: str, quick: bool) -> str:
         f"train.run_name={name}",
         "train.epochs=1",
         "eval.knn_every=0",
-        *TRAIN_OVERRIDES[quick],
+        *TRAIN_OVERRIDES[False],
     ]
     return run_training(load_config("local", overrides)).export_uri
 
@@ -149,6 +232,12 @@ def main() -> None:
         f"{report['steps_per_round']} steps)"
     )
     print(f"round losses: {', '.join(f'{x:.4f}' for x in report['round_losses'])}")
+    grid = report["grid"]
+    print(
+        f"positional embedding: {position_code_components(report['export'], grid)} of its "
+        f"{grid * grid - 1} components hold {VARIANCE_SHARE:.0%} of its variance; "
+        f"Q removes {report['basis_rank']} directions"
+    )
     print(f"position MSE chance            {mse['chance']:.5f}")
     print(
         f"position MSE round 1 -> T+1    {mse['before']:.5f} -> {mse['after']:.5f} "
@@ -161,8 +250,9 @@ def main() -> None:
     )
     print(f"cosine to pos-embed: removed {cosine['removed']:.4f}, kept {cosine['kept']:.4f}")
     print(
-        f"kNN top-1 (mean patch token) {POINTS * knn['before']:.2f} -> "
-        f"{POINTS * knn['after']:.2f}; CLS (untouched) {POINTS * knn['cls_unchanged']:.2f}"
+        f"kNN top-1 (k={knn['k']}, {report['test_images']} queries, {report['train_images']} "
+        f"train) mean patch token {POINTS * knn['before']:.2f} -> {POINTS * knn['after']:.2f}; "
+        f"CLS (ray-ssl eval's kNN feature, untouched by RASA) {POINTS * knn['cls_unchanged']:.2f}"
     )
     print(f"knn_change_points={POINTS * (knn['after'] - knn['before']):.2f}")
     print(f"position_mse_after_vs_chance={mse['after_vs_chance']:.3f}")
