@@ -73,6 +73,13 @@ def test_view_spec_is_one_single_view(method: InstDiscMethod) -> None:
     assert (spec.kind, spec.global_crops, spec.local_crops, spec.mask) == ("single", 1, 0, "none")
 
 
+def test_every_parameter_takes_weight_decay_as_in_lemniscate(method: InstDiscMethod) -> None:
+    groups = method.param_groups(method.config.optim)
+    decayed = {id(p) for g in groups if g["wd_mult"] == 1.0 for p in g["params"]}
+    assert decayed == {id(p) for p in method.parameters() if p.requires_grad}
+    assert any(p.ndim == 1 for p in method.parameters())  # biases and norms are among them
+
+
 def test_step_updates_the_bank_rows_of_the_batch(method: InstDiscMethod) -> None:
     before = method.bank.read_all().copy()
     batch = _batch(0)

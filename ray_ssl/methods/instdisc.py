@@ -241,6 +241,11 @@ class InstDiscMethod(Method):
     def backbone(self) -> nn.Module:
         return self.encoder
 
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """None exempt: lemniscate.pytorch decays every parameter, biases and norms included
+        (``optim.SGD(net.parameters(), ..., weight_decay=5e-4)`` in cifar.py and main.py)."""
+        return False
+
     @property
     def bank(self) -> ShardedMemoryBank:
         """The shared bank: rank 0 creates it (idempotently), the other ranks attach by name."""
