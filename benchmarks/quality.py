@@ -11,9 +11,9 @@ features: the first ``memory`` training images as the labelled memory, the first
 test images as queries. Raw pixels and each backbone at random init are printed for scale.
 
 Last line: ``ours_vs_reference_knn=<min over methods of ours / reference kNN>`` (target >= 1.0).
-``--quick`` checks the plumbing on SimCLR alone (4 steps say nothing of quality; the run skips
-its own online kNN, report and evaluation, which this script does not need); the figure comes
-from the full mode. Usage:
+``--quick`` checks the plumbing on SimCLR alone (2 steps on the first 2000 images say nothing of
+quality; the run skips its own online kNN, report and evaluation, which this script does not
+need); the figure comes from the full mode. Usage:
 ``python benchmarks/quality.py [--quick] [--steps S] [--methods franca,instdisc]``; run it
 from the repository root (the presets' shard paths are relative; shards are written on first use).
 """
@@ -38,10 +38,13 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PRESETS = {"franca": "local", "instdisc": "instdisc_local", "vicreg": "vicreg_local"}
 PRESETS["simclr"] = "simclr_local"
 # (steps, batch or None for the preset's, kNN memory images, kNN queries)
-SIZES = {True: (4, 32, 1000, 500), False: (100, None, 10000, 2000)}
+SIZES = {True: (2, 16, 1000, 500), False: (100, None, 10000, 2000)}
 PRESET_BATCH = {"franca": 64, "instdisc": 128, "vicreg": 128, "simclr": 128}
-# --quick trains one method: each whole-system run starts Ray Train and DeepSpeed (20-40 s alone).
+# --quick trains one method: each whole-system run starts Ray Train and DeepSpeed (20-40 s alone),
+# on its own small shard set in the run's temporary directory (writing the presets' 60k-image set
+# cold took 35 s of the minute).
 QUICK_METHOD = "simclr"
+QUICK_TRAIN_IMAGES = 2000
 KNN_K, KNN_T = 20, 0.07  # ray-ssl's eval.knn_k / eval.knn_temperature
 SEED = 0
 FEATURE_BATCH = 512
@@ -116,32 +119,45 @@ def overrides(
 
 
 def train_ours(
-    method: str, spec: RunSpec, memory: int, queries: int, work: Path, own_eval: bool
+    method: str,
+    spec: RunSpec,
+    memory: int,
+    queries: int,
+    work: Path,
+    own_eval: bool,
+    extra: list[str],
 ) -> tuple[nn.Module, dict[str, float]]:
     """The preset trained by the whole system; (its exported backbone, its own evaluation)."""
     from ray_ssl.models.export import load_exported_backbone
     from ray_ssl.train.pretrain import pretrain
 
-    settings = overrides(method, spec, memory, queries, work, own_eval)
+    settings = [*overrides(method, spec, memory, queries, work, own_eval), *extra]
     outcome = pretrain(PRESETS[method], settings)
     return load_exported_backbone(outcome.export_uri), outcome.evaluation
 
 
-def write_shards(methods: list[str]) -> None:
-    """The presets' shard sets, written once before anything is timed (reused afterwards)."""
+def shard_overrides(quick: bool, work: Path) -> list[str]:
+    """Quick: a small train set of its own under ``work``; full: the presets' shard sets."""
+    if not quick:
+        return []
+    return [f"data.uri={work / 'shards' / 'train'}", f"shards.max_samples={QUICK_TRAIN_IMAGES}"]
+
+
+def write_shards(methods: list[str], extra: list[str]) -> None:
+    """The shard sets, written once before anything is timed (reused afterwards)."""
     from ray_ssl.config import load_config
     from ray_ssl.paths import resolve_config_paths
     from ray_ssl.train.pretrain import ensure_builtin_shards
 
     for method in methods:
-        ensure_builtin_shards(resolve_config_paths(load_config(PRESETS[method])))
+        ensure_builtin_shards(resolve_config_paths(load_config(PRESETS[method], extra)))
 
 
-def training_images(method: str) -> int | None:
-    """How many of the first training images the preset trains on (``shards.max_samples``)."""
+def training_images(method: str, extra: list[str]) -> int | None:
+    """How many of the first training images the run trains on (``shards.max_samples``)."""
     from ray_ssl.config import load_config
 
-    return load_config(PRESETS[method]).shards.max_samples
+    return load_config(PRESETS[method], extra).shards.max_samples
 
 
 def random_init(method: str) -> nn.Module:
@@ -162,8 +178,8 @@ class _Cls(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 steps of batch 32, small kNN")
-    parser.add_argument("--steps", type=int, help="training steps per run (default 100; quick 4)")
+    parser.add_argument("--quick", action="store_true", help="2 steps of batch 16, small kNN")
+    parser.add_argument("--steps", type=int, help="training steps per run (default 100; quick 2)")
     parser.add_argument(
         "--methods", default=None, help=f"comma-separated (default: all; --quick: {QUICK_METHOD})"
     )
@@ -185,18 +201,21 @@ def main() -> None:
     pixels = knn(flat_pixels(mem_x), mem_y, flat_pixels(q_x), q_y)
     print(f"kNN k={KNN_K} T={KNN_T}, {memory} train images as memory, {queries} test queries")
     print(f"raw pixels: {pixels:.4f}")
-    write_shards(methods)
-    ray.init(num_cpus=4, include_dashboard=False)  # 1 Train worker, Ray Data, the bank actors
     work = Path(tempfile.mkdtemp(prefix="ray-ssl-quality-"))
+    extra = shard_overrides(args.quick, work)
+    write_shards(methods, extra)
+    ray.init(num_cpus=4, include_dashboard=False)  # 1 Train worker, Ray Data, the bank actors
     ratios = {}
     try:
         for method in methods:
             spec = RunSpec(steps=steps, batch=batch or PRESET_BATCH[method], seed=SEED)
             start = time.perf_counter()
-            ours, evaluation = train_ours(method, spec, memory, queries, work, not args.quick)
+            ours, evaluation = train_ours(
+                method, spec, memory, queries, work, not args.quick, extra
+            )
             ours_s = time.perf_counter() - start
             start = time.perf_counter()
-            reference = train_reference(method, train_x[: training_images(method)], spec)
+            reference = train_reference(method, train_x[: training_images(method, extra)], spec)
             ref_s = time.perf_counter() - start
             scores = {
                 name: knn(features(net, mem_x), mem_y, features(net, q_x), q_y)
