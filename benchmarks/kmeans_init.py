@@ -3,9 +3,10 @@
 Same data (N x d float32 Gaussian mixture), same k, same thread count, the same number T of Lloyd
 iterations (no early stop on either side):
 - ours on Ray, as ``ray-ssl curate`` runs it: the points in ``threads`` object-store blocks,
-  k-means|| seeding (Bahmani et al., VLDB 2012: 5 rounds of l = 2k expected draws, each one
-  distance pass of tasks, then weighted greedy k-means++ on the candidates in the driver), then
-  T Lloyd iterations as tasks;
+  k-means|| seeding (Bahmani et al., VLDB 2012: by default r = 2 rounds of l = 2k expected draws,
+  each one distance pass of tasks, then weighted greedy k-means++ on the candidates in the
+  driver; ``--init-rounds``/``--init-oversampling`` change r and l / k), then T Lloyd iterations,
+  each one wave of tasks;
 - ``faiss.Kmeans`` with ``threads`` OpenMP threads: its default initialisation (k distinct random
   training points), exact L2 search, no subsampling, T iterations.
 Both final inertias (sum of squared distances to the nearest final centroid) are computed by the
@@ -16,7 +17,8 @@ of the per-round ratios, so that load from other processes hits both alike.
 
 Prints the inertia ratio (ours / faiss; target <= 1.01) and, last,
 ``init_ours_vs_faiss=<ours seconds / faiss seconds>`` (target <= 1.5).
-Usage: ``python benchmarks/kmeans_init.py [--quick] [--threads 2] [--iterations T] [--rounds R]``.
+Usage: ``python benchmarks/kmeans_init.py [--quick] [--threads 2] [--iterations T] [--rounds R]
+[--init-rounds r] [--init-oversampling l/k]``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 import numpy as np
 
 from ray_ssl.curation.blocks import PointSet, RayExecutor
-from ray_ssl.curation.hkmeans import assign, kmeans_parallel, lloyd
+from ray_ssl.curation.hkmeans import DEFAULT_INIT, InitSpec, assign, initial_centroids, lloyd
 from ray_ssl.curation.kmeans import assign_nearest
 
 # N, d, k (quick, full). The issue's full size (2M x 128, k = 20k: 5.1e12 multiply-adds per Lloyd
@@ -56,10 +58,10 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     return float(assign_nearest(x, centroids)[1].sum(dtype=np.float64))
 
 
-def ours(points: PointSet, k: int, iterations: int, seed: int) -> dict[str, float]:
+def ours(points: PointSet, k: int, iterations: int, seed: int, spec: InitSpec) -> dict[str, float]:
     x = points.gather()
     start = time.perf_counter()
-    init = kmeans_parallel(points, k, np.random.default_rng(seed))
+    init = initial_centroids(points, k, np.random.default_rng(seed), spec)
     seeded = time.perf_counter()
     result = lloyd(points, init, iterations, until_stable=False)
     done = time.perf_counter()
@@ -102,6 +104,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--rounds", type=int, default=None, help="turns of each method")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-rounds", type=int, default=DEFAULT_INIT.rounds, help="k-means|| rounds r"
+    )
+    parser.add_argument(
+        "--init-oversampling",
+        type=float,
+        default=DEFAULT_INIT.oversampling,
+        help="k-means|| oversampling l / k",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import faiss
@@ -109,6 +120,7 @@ def main() -> None:
     import torch
 
     n, d, k = SIZES[args.quick]
+    spec = InitSpec(rounds=args.init_rounds, oversampling=args.init_oversampling)
     rounds = args.rounds or DEFAULT_ROUNDS[args.quick]
     x = mixture(n, d, max(2, int(COMPONENTS_PER_CLUSTER * k)), args.seed)
     faiss.omp_set_num_threads(args.threads)
@@ -119,14 +131,14 @@ def main() -> None:
     assign(points, x[:k])  # warm-up: start the workers and their imports, untimed
     print(
         f"k-means, N={n} d={d} k={k}, {args.threads} threads/CPUs, {args.iterations} Lloyd "
-        "iterations each (seconds):",
+        f"iterations each; k-means|| r={spec.rounds}, l={spec.oversampling:g}k (seconds):",
         flush=True,
     )
     speed, quality = [], []
     for turn in range(rounds):
         runs = {
             "faiss": lambda: faiss_kmeans(x, k, args.iterations, args.seed),
-            "ours": lambda: ours(points, k, args.iterations, args.seed),
+            "ours": lambda: ours(points, k, args.iterations, args.seed, spec),
         }
         order = list(runs) if turn % 2 == 0 else list(runs)[::-1]
         out = {name: runs[name]() for name in order}

@@ -15,6 +15,7 @@ from ray_ssl.curation.hkmeans import (
     SEED_BOUND,
     InitSpec,
     LevelSpec,
+    assign,
     kmeans,
     kmeans_parallel,
     parallel_candidates,
@@ -248,3 +249,24 @@ def test_n_init_keeps_the_lowest_inertia_run() -> None:
         for n_init in (1, 5)
     )
     assert five.assignment.inertia < one.assignment.inertia
+
+
+def test_one_lloyd_wave_sums_counts_and_inertia_match_brute_force() -> None:
+    """assign's per-block summaries (sums, counts, inertia, changed in one vector) reduce to the
+    whole set's, recomputed independently in float64."""
+    x = blobs(700, seed=10)
+    centroids = x[:9] + 0.5
+    points = PointSet.from_array(x, LocalExecutor(), 4)
+    first, sums, changed = assign(points, centroids)
+    d2 = brute_sqdist(x, centroids)
+    labels = d2.argmin(1)
+    np.testing.assert_array_equal(points.concat(first.labels), labels)
+    np.testing.assert_array_equal(first.counts, np.bincount(labels, minlength=9))
+    expected = np.stack([x[labels == j].astype(np.float64).sum(0) for j in range(9)])
+    np.testing.assert_allclose(sums, expected, rtol=1e-12, atol=1e-9)
+    assert first.inertia == pytest.approx(d2.min(1).sum(), rel=1e-5)
+    assert changed == len(x)
+    moved = centroids.copy()
+    moved[0] += 3.0
+    second, _, changed = assign(points, moved, first)
+    assert changed == int(np.count_nonzero(points.concat(second.labels) != labels)) > 0

@@ -11,9 +11,10 @@ of steps follows the reference implementation, facebookresearch/ssl-data-curatio
 
 Everything here is written against :class:`~ray_ssl.curation.blocks.PointSet`: with a
 RayExecutor the points stay in the object store as blocks, assignment runs as one task per block,
-per-cluster float64 sums and counts are reduced by a tree of tasks. k-means|| takes a fixed number
-of rounds (5, as in the paper's experiments), each one distance pass of tasks over the blocks plus
-one cheap sampling wave, then reclusters the few-times-k weighted candidates in this process; the
+per-cluster float64 sums and counts are reduced by a tree of tasks, so a Lloyd iteration is one
+wave of tasks and one fetch. k-means|| takes a fixed number of rounds (2 by default, as Apache
+Spark), each one distance pass of tasks over the blocks plus one cheap sampling wave, then
+reclusters the few-times-k weighted candidates in this process; the
 greedy k-means++ instead takes two waves of tasks per centre (k sequential steps), which is why it
 does not scale on Ray. Random draws happen in this process or come from counter-based keys of the
 global row ids, so a distributed run reproduces a single-process run with the same seed.
@@ -48,8 +49,10 @@ log = logging.getLogger(__name__)
 SEED_BOUND = 2**63  # seeds of the counter-based random keys are drawn below this
 KMEANS_PARALLEL, KMEANS_PLUSPLUS = "kmeans||", "kmeans++"
 INIT_METHODS = (KMEANS_PARALLEL, KMEANS_PLUSPLUS)
-# Bahmani et al. 2012, Section 5: r = 5 rounds with oversampling l = 2k give k-means++'s cost.
-PARALLEL_ROUNDS, PARALLEL_OVERSAMPLING = 5, 2.0
+# Oversampling l = 2k (Bahmani et al. 2012, Section 5) over r = 2 rounds: the paper's r = 5 is
+# more than needed (Apache Spark's default since SPARK-17389, apache/spark#14956); measured here
+# (benchmarks/kmeans_init.py, RESULTS.md): r = 2 reaches r = 5's final inertia, r = 1 does not.
+PARALLEL_ROUNDS, PARALLEL_OVERSAMPLING = 2, 2.0
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,28 @@ def _check_k(k: int, n: int, what: str = "points") -> None:
 
 def _assign_block(
     x: np.ndarray, previous: np.ndarray | None, centroids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Lloyd step on one block: labels, squared distances and the block's summary
+    (:func:`pack_summary`), so that a Lloyd iteration is one wave of tasks and one fetch."""
     labels, sqdist = assign_nearest(x, centroids)
     sums, counts = cluster_sums(x, labels, len(centroids))
     changed = len(labels) if previous is None else int(np.count_nonzero(labels != previous))
-    return labels, sqdist, sums, counts, np.array([sqdist.sum(dtype=np.float64), changed])
+    return labels, sqdist, pack_summary(sums, counts, sqdist.sum(dtype=np.float64), changed)
+
+
+def pack_summary(sums: np.ndarray, counts: np.ndarray, inertia: float, changed: int) -> np.ndarray:
+    """Per-cluster float64 sums [k, d], counts [k], inertia and changed labels as one float64
+    vector, whose elementwise sum over blocks is the summary of their union (counts stay exact
+    below 2^53 points)."""
+    return np.concatenate([sums.ravel(), counts.astype(np.float64), [inertia, changed]])
+
+
+def unpack_summary(summary: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """The inverse of :func:`pack_summary`: sums [k, d], counts [k], inertia, changed."""
+    dim = (len(summary) - k - 2) // k
+    sums = summary[: k * dim].reshape(k, dim)
+    counts = summary[k * dim : k * dim + k].astype(np.int64)
+    return sums, counts, float(summary[-2]), int(summary[-1])
 
 
 def _kpp_start(x: np.ndarray, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,14 +230,12 @@ def assign(
 ) -> tuple[Assignment, np.ndarray, int]:
     """Assign every point to its nearest centroid; also returns the float64 per-cluster sums
     (for the next Lloyd update) and how many labels changed since ``previous``."""
-    ex = points.executor
     prev = previous.labels if previous is not None else [None] * len(points.blocks)
-    outs = points.map(_assign_block, prev, shared=(centroids,), num_returns=5)
-    sums = ex.sum([o[2] for o in outs])
-    counts = ex.sum([o[3] for o in outs])
-    stats = np.sum(ex.get([o[4] for o in outs]), axis=0)
-    assignment = Assignment([o[0] for o in outs], [o[1] for o in outs], counts, float(stats[0]))
-    return assignment, sums, int(stats[1])
+    outs = points.map(_assign_block, prev, shared=(centroids,), num_returns=3)
+    sums, counts, inertia, changed = unpack_summary(
+        points.executor.sum([o[2] for o in outs]), len(centroids)
+    )
+    return Assignment([o[0] for o in outs], [o[1] for o in outs], counts, inertia), sums, changed
 
 
 def kmeans_plusplus(points: PointSet, k: int, rng: np.random.Generator) -> np.ndarray:
