@@ -3,7 +3,7 @@
 Same data (N x d float32 Gaussian mixture), same k, same thread count, the same number T of Lloyd
 iterations (no early stop on either side):
 - ours on Ray, as ``ray-ssl curate`` runs it: the points in ``threads`` object-store blocks,
-  k-means|| seeding (Bahmani et al., VLDB 2012: by default r = 2 rounds of l = 2k expected draws,
+  k-means|| seeding (Bahmani et al., VLDB 2012: by default r = 5 rounds of l = 2k expected draws,
   each one distance pass of tasks, then weighted greedy k-means++ on the candidates in the
   driver; ``--init-rounds``/``--init-oversampling`` change r and l / k), then T Lloyd iterations,
   each one wave of tasks;

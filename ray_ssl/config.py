@@ -260,7 +260,7 @@ class CurationConfig:
     # init_oversampling * k expected candidates each; scales on Ray) or "kmeans++" (the
     # reference's greedy k-means++: k sequential passes)
     init: Literal["kmeans||", "kmeans++"] = "kmeans||"
-    init_rounds: int = 2  # as Apache Spark; hkmeans.PARALLEL_ROUNDS says why
+    init_rounds: int = 5
     init_oversampling: float = 2.0
     n_init: int = 10  # k-means runs per cluster when splitting (n_splits); the best is kept
     lloyd_iterations: int = 20
