@@ -119,8 +119,8 @@ def write_rolled_idx(directory: Path, quick: bool) -> None:
         IDX_IMAGES_MAGIC,
         IDX_LABELS_MAGIC,
         SPLITS,
-        _digits_split,
-        _read_idx,
+        digits_split,
+        read_idx,
     )
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -128,10 +128,10 @@ def write_rolled_idx(directory: Path, quick: bool) -> None:
     for split in SPLITS:
         image_file, label_file = FASHION_MNIST_FILES[split]
         if quick:
-            images, labels = _digits_split(split)
+            images, labels = digits_split(split)
         else:
-            images = _read_idx(fashion / image_file, IDX_IMAGES_MAGIC)
-            labels = _read_idx(fashion / label_file, IDX_LABELS_MAGIC)
+            images = read_idx(fashion / image_file, IDX_IMAGES_MAGIC)
+            labels = read_idx(fashion / label_file, IDX_LABELS_MAGIC)
         rng = np.random.default_rng([ROLL_SEED, SPLITS.index(split)])
         shifts = rng.integers(0, images.shape[1:3], size=(len(images), 2))
         pairs = zip(images, shifts, strict=True)

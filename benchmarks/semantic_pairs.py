@@ -44,7 +44,7 @@ from ray_ssl.data.sources import (  # noqa: E402
     FASHION_MNIST_FILES,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
-    _read_idx,
+    read_idx,
 )
 from ray_ssl.data.stream import (  # noqa: E402
     WorkerBatchIterator,
@@ -86,8 +86,8 @@ def _fashion_subset(source: Path, out: Path) -> Path:
         count = QUICK_IMAGES[split]
         if (out / image_file).is_file():
             continue
-        images = _read_idx(source / image_file, IDX_IMAGES_MAGIC)[:count]
-        labels = _read_idx(source / label_file, IDX_LABELS_MAGIC)[:count]
+        images = read_idx(source / image_file, IDX_IMAGES_MAGIC)[:count]
+        labels = read_idx(source / label_file, IDX_LABELS_MAGIC)[:count]
         header = struct.pack(">IIII", IDX_IMAGES_MAGIC, len(images), *images.shape[1:])
         (out / label_file).write_bytes(
             gzip.compress(struct.pack(">II", IDX_LABELS_MAGIC, len(labels)) + labels.tobytes())

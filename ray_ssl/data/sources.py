@@ -70,7 +70,7 @@ def _encoded(
         yield encode_image(array, cfg.image_format, cfg.jpeg_quality), int(label)
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
+def read_idx(path: Path, magic: int) -> np.ndarray:
     """Parse an idx(.gz) file: big-endian magic, dimension sizes, then uint8 data."""
     try:
         with gzip.open(path, "rb") as fh:
@@ -88,7 +88,9 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 images [N, 8, 8] (0-255) and labels: the seeded ``split``
+    ("train" or "test", a fixed DIGITS_TEST_FRACTION held out), in the dataset's order."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -101,7 +103,7 @@ def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_source(cfg: ShardsConfig, name: str = "digits") -> ImageSource:
-    images, labels = _digits_split(cfg.split)
+    images, labels = digits_split(cfg.split)
     return ImageSource(
         name, [str(d) for d in range(10)], len(images), 1, _encoded(images, labels, cfg)
     )
@@ -117,8 +119,8 @@ def fashion_mnist_source(cfg: ShardsConfig) -> ImageSource:
             root,
         )
         return digits_source(cfg, name="digits (fallback: fashion-mnist not found)")
-    images = _read_idx(root / image_file, IDX_IMAGES_MAGIC)
-    labels = _read_idx(root / label_file, IDX_LABELS_MAGIC)
+    images = read_idx(root / image_file, IDX_IMAGES_MAGIC)
+    labels = read_idx(root / label_file, IDX_LABELS_MAGIC)
     if len(images) != len(labels):
         raise ShardError(f"{root}: {len(images)} images but {len(labels)} labels; reinstall it")
     return ImageSource(
