@@ -25,7 +25,7 @@ from ray_ssl.data.shards import (
     read_manifest,
     write_shard_set,
 )
-from ray_ssl.data.sources import FASHION_MNIST_CLASSES, _digits_split, _read_idx
+from ray_ssl.data.sources import FASHION_MNIST_CLASSES, digits_split, read_idx
 from ray_ssl.storage import StorageError, resolve
 
 STORAGE = StorageConfig()
@@ -53,8 +53,8 @@ def test_fashion_mnist_test_split_round_trip(tmp_path):
     assert manifest.classes == list(FASHION_MNIST_CLASSES) and manifest.channels == 1
     samples = _samples(str(tmp_path))
     root = Path(cfg.fashion_mnist_dir)
-    images = _read_idx(root / "t10k-images-idx3-ubyte.gz", 2051)
-    labels = _read_idx(root / "t10k-labels-idx1-ubyte.gz", 2049)
+    images = read_idx(root / "t10k-images-idx3-ubyte.gz", 2051)
+    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz", 2049)
     assert [s.int_field("idx") for s in samples] == list(range(10000))
     assert [s.int_field("cls") for s in samples] == labels.tolist()
     for i in (0, 4321, 9999):
@@ -73,18 +73,18 @@ def test_fallback_to_digits_says_so(tmp_path, caplog):
         manifest = write_shard_set(cfg, str(tmp_path / "out"), STORAGE)
     assert "FALLING BACK to scikit-learn digits" in caplog.text
     assert manifest.source.startswith("digits") and manifest.requested_source == "fashion-mnist"
-    images, labels = _digits_split("train")
+    images, labels = digits_split("train")
     assert manifest.count == len(images)
     assert [s.int_field("cls") for s in _samples(str(tmp_path / "out"))] == labels.tolist()
 
 
 def test_digits_splits_are_disjoint_and_deterministic():
-    train, _ = _digits_split("train")
-    test, _ = _digits_split("test")
+    train, _ = digits_split("train")
+    test, _ = digits_split("test")
     assert len(train) + len(test) == 1797
     train_set = {a.tobytes() for a in train}
     assert sum(a.tobytes() in train_set for a in test) < 10  # digits has a few duplicate images
-    np.testing.assert_array_equal(_digits_split("test")[0], test)
+    np.testing.assert_array_equal(digits_split("test")[0], test)
 
 
 def _make_folder(root: Path, per_class: int = 3, bad: str | None = None) -> None:
