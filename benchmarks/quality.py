@@ -31,7 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality_reference import GRAY_MEAN, GRAY_STD, MaskedViT, RunSpec, cnn, train_reference
+from quality_reference import (
+    GRAY_MEAN,
+    GRAY_STD,
+    ClsFeatures,
+    MaskedViT,
+    RunSpec,
+    cnn,
+    train_reference,
+)
 from torch import nn
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -163,17 +171,8 @@ def training_images(method: str, extra: list[str]) -> int | None:
 def random_init(method: str) -> nn.Module:
     torch.manual_seed(SEED)
     if method == "franca":
-        return _Cls(MaskedViT())
+        return ClsFeatures(MaskedViT())
     return cnn()
-
-
-class _Cls(nn.Module):
-    def __init__(self, vit: MaskedViT) -> None:
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vit(images)[0]
 
 
 def main() -> None:

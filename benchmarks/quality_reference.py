@@ -293,10 +293,10 @@ def franca(images: np.ndarray, spec: RunSpec) -> nn.Module:
         with torch.no_grad():
             for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
                 t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-    return _TimmView(teacher["backbone"])
+    return ClsFeatures(teacher["backbone"])
 
 
-class _TimmView(nn.Module):
+class ClsFeatures(nn.Module):
     """The teacher's ViT as a plain feature extractor (CLS token after the final norm)."""
 
     def __init__(self, backbone: MaskedViT) -> None:
