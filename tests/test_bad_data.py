@@ -255,7 +255,7 @@ def test_bad_input_in_a_worker_ends_the_run_and_is_recorded(ray_local, tmp_path)
     from test_elastic_resume import TINY_FRANCA
 
     from ray_ssl.errors import UserError
-    from ray_ssl.train.loop import INPUT_ERROR_FILE
+    from ray_ssl.train.input_errors import INPUT_ERROR_FILE
     from ray_ssl.train.trainer import run_training
 
     uri = _synthetic_with_bad(tmp_path, {shard: 16 for shard in range(8)})  # 25% of every shard

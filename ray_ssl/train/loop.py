@@ -23,7 +23,7 @@ from ray_ssl.config import Config, config_from_dict
 from ray_ssl.errors import UserError
 from ray_ssl.methods.registry import build_method
 from ray_ssl.models.export import EXPORT_DIR
-from ray_ssl.storage import read_bytes, resolve, write_bytes_atomic
+from ray_ssl.storage import read_bytes, write_bytes_atomic
 from ray_ssl.train.batches import PassStream
 from ray_ssl.train.checkpoint import (
     TrainState,
@@ -32,16 +32,13 @@ from ray_ssl.train.checkpoint import (
     save_checkpoint,
 )
 from ray_ssl.train.engine import TrainEngine, build_engine
+from ray_ssl.train.input_errors import input_error_record
 from ray_ssl.train.online_eval import KnnEvaluator
 from ray_ssl.train.schedules import TrainSchedules
 
 log = logging.getLogger(__name__)
 
 KNN_METRIC = "knn_top1"
-# An input error (a UserError) met by a worker, kept in the run directory: no restart can get
-# past it, so the run ends at that failure (train/input_errors.py; a restart that still happens
-# fails at once) and the driver names it.
-INPUT_ERROR_FILE = "input_error.txt"
 
 
 @dataclass(frozen=True)
@@ -247,8 +244,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     configure_logging()
     config = config_from_dict(loop_config["config"])
     plan = LoopPlan(**loop_config["plan"])
-    recorded = resolve(plan.run_uri, config.storage).join(INPUT_ERROR_FILE)
-    if recorded.exists():  # a restart after an input error: fail again without training
+    recorded = input_error_record(plan.run_uri, config.storage)
+    if recorded.exists():  # a restart StopOnInputError did not prevent: fail again at once
         raise UserError(read_bytes(recorded).decode())
     try:
         WorkerRun(config, plan).run()

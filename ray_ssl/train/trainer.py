@@ -39,10 +39,9 @@ from ray_ssl.train.checkpoint import (
     TrainState,
     load_module_state,
 )
-from ray_ssl.train.input_errors import StopOnInputError
+from ray_ssl.train.input_errors import StopOnInputError, input_error_record
 from ray_ssl.train.loop import (
     EXPORT_DIR,
-    INPUT_ERROR_FILE,
     LoopPlan,
     loop_config_for,
     train_loop_per_worker,
@@ -326,7 +325,7 @@ def _fit(config: Config, plan: LoopPlan, callbacks: Sequence[Any]) -> Any:
     """``TorchTrainer.fit``; an input error a worker met is raised as that one-line error."""
     from ray.train import TrainingFailedError
 
-    recorded = resolve(plan.run_uri, config.storage).join(INPUT_ERROR_FILE)
+    recorded = input_error_record(plan.run_uri, config.storage)
     if recorded.exists():  # from an earlier launch: the user may have fixed the input since
         recorded.fs.rm(recorded.path)
     try:
