@@ -179,7 +179,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Ray Train restarts failed workers from the latest checkpoint this many times (-1: always).
     # 3: a node lost or a worker killed (out of memory, a dead bank shard) costs the steps since
-    # the last checkpoint, not the run; an input error is not retried (train/loop.py).
+    # the last checkpoint, not the run; an input error is not retried (train/input_errors.py).
     max_failures: int = 3
     run_name: str = "ray-ssl"
     storage_path: str = "ray_results"  # local dir or s3://bucket/prefix (shared across nodes)

@@ -12,8 +12,8 @@ class UserError(Exception):
     """Bad input or environment: the message is one line naming the problem and the fix.
 
     ``transient`` marks a fault that a restart can clear (e.g. a lost memory-bank shard): Ray
-    Train retries it. Any other UserError is the input's fault, and a training run's restarts
-    fail at once with the same line instead of retrying it.
+    Train retries it. Any other UserError is the input's fault: a training run ends at the first
+    one, with that line (``ray_ssl.train.input_errors``), instead of retrying it.
     """
 
     transient = False
