@@ -174,8 +174,8 @@ class ShardedMemoryBank:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-io")
         self._placement_group = None
         self._expected: list[ShardState] = []  # the state of every shard this client serves
-        self._broken: str | None = "not attached yet"  # why this client refuses to serve
-        self._broken_error: type[MemoryBankError] = MemoryBankError  # BankFaultError: a fault
+        # Why this client refuses to serve (a BankFaultError for a fault), or None: it serves.
+        self._broken: MemoryBankError | None = MemoryBankError("not attached yet")
         handles = self._existing_handles()
         if handles is None and create:
             self.handles: list[Any] = self._create_handles()
@@ -308,15 +308,16 @@ class ShardedMemoryBank:
             problem = "its shards hold rows of different resets or restores"
         else:
             self._expected = [ShardState(i["incarnation"], i["generation"]) for i in infos]
-            self._broken, self._broken_error = None, MemoryBankError
+            self._broken = None
             return True
-        self._broken_error = BankFaultError
-        self._broken = (
-            f"memory bank '{self.spec.name}' is not consistent: {problem}; reset it or restore "
-            "every shard from one snapshot (a run resumes from its checkpoint)"
+        refusal = self._refuse(
+            BankFaultError(
+                f"memory bank '{self.spec.name}' is not consistent: {problem}; reset it or "
+                "restore every shard from one snapshot (a run resumes from its checkpoint)"
+            )
         )
         if raise_if_inconsistent:
-            raise BankFaultError(self._broken)
+            raise refusal
         return False
 
     def reattach(self) -> None:
@@ -342,7 +343,7 @@ class ShardedMemoryBank:
         Raises nothing for dead shards, so that it can run in a ``finally`` without masking
         the exception that ended the run.
         """
-        self._broken, self._broken_error = "this memory bank was shut down", MemoryBankError
+        self._broken = MemoryBankError("this memory bank was shut down")
         self._io.shutdown(wait=False, cancel_futures=True)
         self._inflight.clear()
         for handle in self.handles:
@@ -368,31 +369,30 @@ class ShardedMemoryBank:
             try:
                 value = ray.get(ref)
             except RayActorError as err:
-                self._broken_error = BankFaultError
-                self._broken = (
-                    f"memory bank '{self.spec.name}' shard {shard} of {self.num_shards} died "
-                    f"({type(err).__name__}); its rows and in-flight updates are lost: restore "
-                    "every shard from one snapshot (a run resumes from its checkpoint)"
-                )
-                raise BankFaultError(self._broken) from None
+                raise self._refuse(
+                    BankFaultError(
+                        f"memory bank '{self.spec.name}' shard {shard} of {self.num_shards} died "
+                        f"({type(err).__name__}); its rows and in-flight updates are lost: "
+                        "restore every shard from one snapshot (a run resumes from its checkpoint)"
+                    )
+                ) from None
             except RayTaskError as err:
                 if isinstance(err.cause, MemoryBankError):
                     if expect:
-                        self._broken, self._broken_error = str(err.cause), type(err.cause)
+                        raise self._refuse(err.cause) from None
                     raise type(err.cause)(str(err.cause)) from None
                 raise
             if expect:
                 state, *payload = value
                 if state != self._expected[shard]:
-                    self._broken_error = BankFaultError
-                    self._broken = (
+                    refusal = BankFaultError(
                         f"memory bank '{self.spec.name}' shard {shard} changed under this client "
                         f"(incarnation {self._expected[shard].incarnation} -> "
                         f"{state.incarnation}, generation {self._expected[shard].generation} -> "
                         f"{state.generation}): it restarted or the bank was restored elsewhere; "
                         "reattach after a consistent restore"
                     )
-                    raise BankFaultError(self._broken)
+                    raise self._refuse(refusal)
                 value = payload[0] if len(payload) == 1 else tuple(payload)
             results.append(value)
         return results
@@ -442,7 +442,12 @@ class ShardedMemoryBank:
 
     def _serving(self) -> None:
         if self._broken is not None:
-            raise self._broken_error(self._broken)
+            raise self._refuse(self._broken)
+
+    def _refuse(self, error: MemoryBankError) -> MemoryBankError:
+        """Refuse to serve with ``error`` from now on; returns a fresh copy of it to raise."""
+        self._broken = error
+        return type(error)(str(error))
 
     # -- validation and routing ------------------------------------------------------------------
     def _rows(self, rows: Any) -> np.ndarray:
@@ -604,10 +609,9 @@ class ShardedMemoryBank:
         def run() -> list[ShardState]:
             return self._control(method, lambda s: (*args_of(s), generation))
 
-        self._broken = f"memory bank '{self.spec.name}' is being reset or restored"
-        self._broken_error = BankFaultError
+        self._broken = BankFaultError(f"memory bank '{self.spec.name}' is being reset or restored")
         self._expected = self._run(run)  # stays broken if a shard fails on the way
-        self._broken, self._broken_error = None, MemoryBankError
+        self._broken = None
 
     def reset(self) -> None:
         """Set every shard to the seeded initial bank (the state of a run at step 0)."""
