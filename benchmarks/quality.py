@@ -54,7 +54,7 @@ PRESET_BATCH = {"franca": 64, "instdisc": 128, "vicreg": 128, "simclr": 128}
 QUICK_METHOD = "simclr"
 QUICK_TRAIN_IMAGES = 2000
 KNN_K, KNN_T = 20, 0.07  # ray-ssl's eval.knn_k / eval.knn_temperature
-SEED = 0
+SEED = 0  # the default --seed
 FEATURE_BATCH = 512
 IDX_HEADER = {"images": 16, "labels": 8}  # bytes before the data in Fashion-MNIST idx files
 
@@ -168,8 +168,8 @@ def training_images(method: str, extra: list[str]) -> int | None:
     return load_config(PRESETS[method], extra).shards.max_samples
 
 
-def random_init(method: str) -> nn.Module:
-    torch.manual_seed(SEED)
+def random_init(method: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
     if method == "franca":
         return ClsFeatures(MaskedViT())
     return cnn()
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", default=None, help=f"comma-separated (default: all; --quick: {QUICK_METHOD})"
     )
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of both sides' runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     steps, batch, memory, queries = SIZES[args.quick]
@@ -207,7 +208,7 @@ def main() -> None:
     ratios = {}
     try:
         for method in methods:
-            spec = RunSpec(steps=steps, batch=batch or PRESET_BATCH[method], seed=SEED)
+            spec = RunSpec(steps=steps, batch=batch or PRESET_BATCH[method], seed=args.seed)
             start = time.perf_counter()
             ours, evaluation = train_ours(
                 method, spec, memory, queries, work, not args.quick, extra
@@ -221,16 +222,16 @@ def main() -> None:
                 for name, net in (
                     ("ours", ours),
                     ("reference", reference),
-                    ("random_init", random_init(method)),
+                    ("random_init", random_init(method, args.seed)),
                 )
             }
             ratios[method] = scores["ours"] / scores["reference"]
-            extra = "".join(f", {k}={v:.4f}" for k, v in evaluation.items() if "knn" in k)
+            own = "".join(f", {k}={v:.4f}" for k, v in evaluation.items() if "knn" in k)
             print(
                 f"{method}: {spec.steps} steps of batch {spec.batch}: ours {scores['ours']:.4f} "
                 f"({ours_s:.0f} s, whole system), reference {scores['reference']:.4f} "
                 f"({ref_s:.0f} s), random init {scores['random_init']:.4f}, ratio "
-                f"{ratios[method]:.3f}{extra}",
+                f"{ratios[method]:.3f}{own}",
                 flush=True,
             )
     finally:

@@ -110,6 +110,10 @@ class DataConfig:
     reader: Literal["blocks", "ray_webdataset"] = "blocks"
     batch_size: int = 64  # global batch, split evenly over train workers
     shuffle_seed: int = 0
+    # Rows each Train worker buffers and draws its batches from at random (webdataset's
+    # shuffle(n)), mixing shards; 0 = batches in arrival order (a shard at a time). Costs
+    # shuffle_buffer decoded samples of memory per worker. See ray_ssl/data/row_pool.py.
+    shuffle_buffer: int = 0
     # A pass stops (CorruptDataError) once its corrupt samples exceed this fraction of the
     # pass's size (the manifest's count): a count, never a running rate, since bad samples
     # cluster by shard. Under the limit overall a run never stops; over it, as soon as the count
@@ -659,6 +663,10 @@ def validate(config: Config) -> None:
     _require(
         0.0 <= d.max_corrupt_fraction <= 1.0,
         f"data.max_corrupt_fraction={d.max_corrupt_fraction} must be within [0, 1]",
+    )
+    _require(
+        d.shuffle_buffer >= 0,
+        f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (0 = batches in arrival order)",
     )
     c = config.curation
     _require(

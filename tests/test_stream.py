@@ -209,6 +209,28 @@ def test_epochs_reshuffle_deterministically(ray_local, digits_test):
     np.testing.assert_array_equal(crops1_again, crops1)
 
 
+def test_shuffle_buffer_mixes_shards_and_delivers_each_sample_once(ray_local, digits_test):
+    data = DataConfig(uri=digits_test, shuffle_seed=7)
+
+    def batches(buffer: int, seed: int = 0) -> tuple[list[list[int]], WorkerBatchIterator]:
+        dataset = build_train_dataset(data, VIEWS, STORAGE, epoch=0)
+        dataset.context.execution_options.preserve_order = True
+        it = WorkerBatchIterator(
+            dataset.iterator(), 32, VIEWS, CPU, 0.0, drop_last=False,
+            shuffle_buffer=buffer, shuffle_seed=seed,
+        )  # fmt: skip
+        return [batch["idx"].tolist() for batch in it], it
+
+    fifo, _ = batches(0)
+    shuffled, it = batches(180, seed=5)  # 3 shards' worth of rows
+    assert sorted(i for batch in shuffled for i in batch) == list(range(359))
+    assert it.stats.seen == 359 and sorted(np.concatenate(it.consumed_idx)) == list(range(359))
+    assert batches(180, seed=5)[0] == shuffled  # seeded
+    shards_per_batch = [len({i // 60 for i in batch}) for batch in shuffled]
+    assert max(len({i // 60 for i in batch}) for batch in fifo) <= 2  # a shard at a time
+    assert min(shards_per_batch[:-1]) >= 3, shards_per_batch  # every full batch mixes shards
+
+
 def test_read_tasks_follow_the_epoch_order(digits_test):
     manifest = read_manifest(digits_test, STORAGE)
     source = ShardSetDatasource(digits_test, manifest, STORAGE, shuffle_seed=3, epoch=4)

@@ -29,6 +29,7 @@ from ray_ssl.data.datasource import ShardSetDatasource, epoch_seed
 from ray_ssl.data.decode import build_views_batch, decode_rows
 from ray_ssl.data.errors import CorruptDataError, ShardError
 from ray_ssl.data.position import ConsumedFilter
+from ray_ssl.data.row_pool import FifoRows, Rows, ShuffledRows
 from ray_ssl.data.shards import Manifest, check_pairs, iter_shard, read_manifest
 from ray_ssl.data.tario import TruncatedShardError
 from ray_ssl.data.views import CorruptImageError, crop_counts, decode_image, mask_generator
@@ -190,23 +191,6 @@ def corrupt_data_error(
     )
 
 
-Rows = dict[str, np.ndarray]
-
-
-def _split_rows(parts: list[Rows], n: int) -> tuple[list[Rows], list[Rows]]:
-    """The first ``n`` rows of ``parts`` and the rest, as slices (no copy)."""
-    head: list[Rows] = []
-    for i, part in enumerate(parts):
-        rows = len(part["idx"])
-        if rows >= n:
-            head.append({name: column[:n] for name, column in part.items()})
-            rest = [{name: column[n:] for name, column in part.items()}] if rows > n else []
-            return head, rest + parts[i + 1 :]
-        head.append(part)
-        n -= rows
-    raise ValueError(f"{n} rows missing from the parts to split")
-
-
 class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
     """Batches of exactly ``batch_size`` good samples from one worker's DataIterator, in the batch
     contract; ``.stats`` counts seen and corrupt samples.
@@ -217,7 +201,9 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
     this iterator reads, judged at its end. ``uri`` names the set in the error.
     ``consumed_idx`` and ``consumed_problems`` record what it delivered or met (the data
     position, :mod:`ray_ssl.data.position`): idx of the good samples in delivered batches, the
-    corrupt samples as ``shard:key (reason)``.
+    corrupt samples as ``shard:key (reason)``. ``shuffle_buffer`` > 0 draws each batch at random
+    from that many buffered rows (:class:`~ray_ssl.data.row_pool.ShuffledRows`, seeded by
+    ``shuffle_seed``); 0 batches rows in arrival order.
     """
 
     def __init__(
@@ -231,8 +217,11 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
         prefetch_batches: int = 2,
         pass_size: int | None = None,
         uri: str = "the shard set",
+        shuffle_buffer: int = 0,
+        shuffle_seed: int = 0,
     ):
         self.shard, self.batch_size, self.views = shard, batch_size, views
+        self.shuffle_buffer, self.shuffle_seed = shuffle_buffer, shuffle_seed
         self.device = torch.device(device)
         self.max_corrupt_fraction = max_corrupt_fraction
         self.drop_last, self.prefetch_batches = drop_last, prefetch_batches
@@ -284,8 +273,11 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
         # saves Ray's batcher a copy of every crop (profiled in the consumer).
         # Good rows count as seen when a batch delivers them, so that rows read ahead and
         # buffered here are not counted twice across a resume.
-        pending: list[Rows] = []
-        pending_rows = 0
+        pool = (
+            ShuffledRows(self.shuffle_buffer, self.shuffle_seed)
+            if self.shuffle_buffer
+            else FifoRows()
+        )
         for number, block in enumerate(self._blocks()):
             if number == 0:
                 self._check_views(block)
@@ -297,19 +289,21 @@ class WorkerBatchIterator(Iterator[dict[str, torch.Tensor]]):
                 self._check_corrupt(final=False)
                 block = {name: column[~corrupt] for name, column in block.items()}
             if len(corrupt) > bad:
-                pending.append(block)
-                pending_rows += len(corrupt) - bad
-            while pending_rows >= self.batch_size:
-                batch, pending = _split_rows(pending, self.batch_size)
-                pending_rows -= self.batch_size
-                self.stats.seen += self.batch_size
-                self.consumed_idx.append(np.concatenate([part["idx"] for part in batch]))
-                yield self._contract(batch)
+                pool.add(block)
+            while pool.ready(self.batch_size):
+                yield self._deliver(pool.take(self.batch_size))
         self._check_corrupt(final=True)
-        if pending_rows and not self.drop_last:
-            self.stats.seen += pending_rows
-            self.consumed_idx.append(np.concatenate([part["idx"] for part in pending]))
-            yield self._contract(pending)
+        while len(pool) >= self.batch_size:  # a shuffle buffer drains at the pass's end
+            yield self._deliver(pool.take(self.batch_size))
+        if len(pool) and not self.drop_last:
+            yield self._deliver(pool.take(len(pool)))
+
+    def _deliver(self, rows: list[Rows]) -> dict[str, torch.Tensor]:
+        """Count the rows as seen and consumed, then assemble their batch."""
+        count = sum(len(part["idx"]) for part in rows)
+        self.stats.seen += count
+        self.consumed_idx.append(np.concatenate([part["idx"] for part in rows]))
+        return self._contract(rows)
 
     def _contract(self, rows: list[Rows]) -> dict[str, torch.Tensor]:
         """The batch contract of ``rows`` plus the batch's masks, drawn together (Franca's

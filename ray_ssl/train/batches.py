@@ -28,6 +28,7 @@ import ray
 import torch
 
 from ray_ssl.config import Config, ViewConfig
+from ray_ssl.data.datasource import epoch_seed
 from ray_ssl.data.position import ConsumedFilter, PassProgress
 from ray_ssl.data.shards import read_manifest
 from ray_ssl.data.stream import (
@@ -168,6 +169,8 @@ class PassStream:
             prefetch_batches=self.config.data.prefetch_batches,
             pass_size=self._pass_size,
             uri=self.config.data.uri,
+            shuffle_buffer=self.config.data.shuffle_buffer,
+            shuffle_seed=epoch_seed(self.config.data.shuffle_seed, self.pass_index) + self.rank,
         )
         if self.carried.consumed:
             log.info(
