@@ -1,12 +1,14 @@
 """Where a worker's decoded rows wait to become batches: in arrival order, or shuffled.
 
 Blocks arrive shard by shard (shard order shuffled per pass, rows shuffled within a shard), so
-in arrival order a batch holds rows of one shard, and all of a batch's samples were last seen
-together. For InstDisc that couples their memory-bank rows' staleness: a whole batch of
+in arrival order a batch holds rows of one or two shards, and all of a batch's samples were last
+seen together. For InstDisc that couples their memory-bank rows' staleness: a whole batch of
 positives is fresh or a whole batch is stale. Measured (benchmarks/RESULTS.md, "InstDisc data
-order"): lemniscate's loop on the 5000-image set reaches kNN 0.739 with a full permutation per
-epoch and 0.715 when replaying this stream's order; a 1000-sample shuffle buffer in front of the
-batches restores 0.737. :class:`ShuffledRows` is that buffer (webdataset's ``shuffle(n)``).
+order"): lemniscate's loop on a 5000-image set reaches kNN 0.739 with a full permutation per
+epoch and 0.715 when it replays this stream's order; ray-ssl's run went from 0.713 to 0.739
+with a buffer of the whole set. :class:`ShuffledRows` is that buffer (webdataset's
+``shuffle(n)``); a buffer at least as large as a worker's share of the pass is a full
+permutation.
 
 Rows are ``{column: array}`` blocks; a batch is a list of row pieces (one per block it draws
 from), the form ``to_batch_contract`` assembles with one copy.
