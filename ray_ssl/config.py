@@ -265,7 +265,7 @@ class CurationConfig:
     # reference's greedy k-means++: k sequential passes)
     init: Literal["kmeans||", "kmeans++"] = "kmeans||"
     init_rounds: int = 5
-    init_oversampling: float = 2.0
+    init_oversampling: float = 0.5  # l = k/2 (ray_ssl.curation.hkmeans.PARALLEL_OVERSAMPLING)
     n_init: int = 10  # k-means runs per cluster when splitting (n_splits); the best is kept
     lloyd_iterations: int = 20
     target_size: int = 10000

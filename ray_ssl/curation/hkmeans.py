@@ -49,11 +49,13 @@ log = logging.getLogger(__name__)
 SEED_BOUND = 2**63  # seeds of the counter-based random keys are drawn below this
 KMEANS_PARALLEL, KMEANS_PLUSPLUS = "kmeans||", "kmeans++"
 INIT_METHODS = (KMEANS_PARALLEL, KMEANS_PLUSPLUS)
-# Bahmani et al. 2012, Section 5: r = 5 rounds with oversampling l = 2k give k-means++'s cost.
-# Apache Spark uses r = 2 (SPARK-17389, apache/spark#14956) and benchmarks/kmeans_init.py measured
-# r = 2 at r = 5's final inertia in half the seeding time, but the local curation demo's per-level
-# "curated beats random" check failed with r = 2, so the default stays r = 5 (RESULTS.md).
-PARALLEL_ROUNDS, PARALLEL_OVERSAMPLING = 5, 2.0
+# k-means|| rounds r and oversampling l / k. Bahmani et al. 2012, Section 5 (Tables 1-2): r = 5
+# rounds with l = k/2 or l = 2k seed as well as k-means++. l = k/2: each round's distance pass
+# costs half a Lloyd iteration (2k: two) and the driver reclusters ~2.5k candidates, not ~10k
+# (benchmarks/kmeans_init.py, RESULTS.md: same final inertia, a third of the seeding time).
+# Apache Spark uses r = 2 (SPARK-17389, apache/spark#14956), but the local curation demo's
+# per-level "curated beats random" check failed with r = 2 and l = 2k, so r stays 5.
+PARALLEL_ROUNDS, PARALLEL_OVERSAMPLING = 5, 0.5
 
 
 @dataclass(frozen=True)
