@@ -3,10 +3,11 @@
 Same data (N x d float32 Gaussian mixture), same k, same thread count, the same number T of Lloyd
 iterations (no early stop on either side):
 - ours on Ray, as ``ray-ssl curate`` runs it: the points in ``threads`` object-store blocks,
-  k-means|| seeding (Bahmani et al., VLDB 2012: by default r = 5 rounds of l = 2k expected draws,
-  each one distance pass of tasks, then weighted greedy k-means++ on the candidates in the
-  driver; ``--init-rounds``/``--init-oversampling`` change r and l / k), then T Lloyd iterations,
-  each one wave of tasks;
+  k-means|| seeding (Bahmani et al., VLDB 2012: by default on a uniform subsample of 32 points
+  per cluster, r = 5 rounds of l = k/2 expected draws, each one distance pass of tasks, then
+  weighted greedy k-means++ on the ~2.5k candidates in the driver; ``--init-rounds``,
+  ``--init-oversampling`` and ``--init-points-per-cluster`` change r, l / k and the subsample),
+  then T Lloyd iterations on all points, each one wave of tasks;
 - ``faiss.Kmeans`` with ``threads`` OpenMP threads: its default initialisation (k distinct random
   training points), exact L2 search, no subsampling, T iterations.
 Both final inertias (sum of squared distances to the nearest final centroid) are computed by the
@@ -18,7 +19,7 @@ of the per-round ratios, so that load from other processes hits both alike.
 Prints the inertia ratio (ours / faiss; target <= 1.01) and, last,
 ``init_ours_vs_faiss=<ours seconds / faiss seconds>`` (target <= 1.5).
 Usage: ``python benchmarks/kmeans_init.py [--quick] [--threads 2] [--iterations T] [--rounds R]
-[--init-rounds r] [--init-oversampling l/k]``.
+[--init-rounds r] [--init-oversampling l/k] [--init-points-per-cluster s]``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def main() -> None:
         default=DEFAULT_INIT.oversampling,
         help="k-means|| oversampling l / k",
     )
+    parser.add_argument(
+        "--init-points-per-cluster",
+        type=int,
+        default=DEFAULT_INIT.points_per_cluster,
+        help="k-means|| subsample size / k (0: all points)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import faiss
@@ -120,7 +127,11 @@ def main() -> None:
     import torch
 
     n, d, k = SIZES[args.quick]
-    spec = InitSpec(rounds=args.init_rounds, oversampling=args.init_oversampling)
+    spec = InitSpec(
+        rounds=args.init_rounds,
+        oversampling=args.init_oversampling,
+        points_per_cluster=args.init_points_per_cluster,
+    )
     rounds = args.rounds or DEFAULT_ROUNDS[args.quick]
     x = mixture(n, d, max(2, int(COMPONENTS_PER_CLUSTER * k)), args.seed)
     faiss.omp_set_num_threads(args.threads)
@@ -131,7 +142,8 @@ def main() -> None:
     assign(points, x[:k])  # warm-up: start the workers and their imports, untimed
     print(
         f"k-means, N={n} d={d} k={k}, {args.threads} threads/CPUs, {args.iterations} Lloyd "
-        f"iterations each; k-means|| r={spec.rounds}, l={spec.oversampling:g}k (seconds):",
+        f"iterations each; k-means|| r={spec.rounds}, l={spec.oversampling:g}k on "
+        f"{spec.points_per_cluster or 'all'} points per cluster (seconds):",
         flush=True,
     )
     speed, quality = [], []

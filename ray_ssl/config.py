@@ -266,6 +266,8 @@ class CurationConfig:
     init: Literal["kmeans||", "kmeans++"] = "kmeans||"
     init_rounds: int = 5
     init_oversampling: float = 0.5  # l = k/2 (ray_ssl.curation.hkmeans.PARALLEL_OVERSAMPLING)
+    # k-means|| seeds on a uniform subsample of about this many points per cluster (0: all)
+    init_points_per_cluster: int = 32
     n_init: int = 10  # k-means runs per cluster when splitting (n_splits); the best is kept
     lloyd_iterations: int = 20
     target_size: int = 10000
@@ -686,6 +688,11 @@ def validate(config: Config) -> None:
         c.init_rounds >= 1 and c.init_oversampling > 0,
         f"curation.init_rounds={c.init_rounds} must be >= 1 and "
         f"curation.init_oversampling={c.init_oversampling} > 0",
+    )
+    _require(
+        c.init_points_per_cluster >= 0,
+        f"curation.init_points_per_cluster={c.init_points_per_cluster} must be >= 0 "
+        "(0 = seed on all points)",
     )
     _require(
         c.pool_zipf_exponent >= 0,

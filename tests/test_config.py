@@ -25,6 +25,7 @@ from ray_ssl.config import ConfigError, load_config
         # an elastic run of 1..4 workers may have 3: 64 does not divide; 12 would
         (["data.batch_size=64", "train.num_workers=4", "train.min_workers=1"], "divides by all"),
         (["train.precision=fp16", "train.zero_stage=0"], "train.zero_stage"),
+        (["curation.init_points_per_cluster=-1"], "curation.init_points_per_cluster"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):

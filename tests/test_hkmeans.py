@@ -21,6 +21,7 @@ from ray_ssl.curation.hkmeans import (
     parallel_candidates,
     resample,
     rows_at,
+    uniform_subsample,
 )
 from ray_ssl.curation.kmeans import uniform_keys
 from ray_ssl.curation.split import best_of, split_clusters
@@ -190,7 +191,7 @@ def test_parallel_candidates_follow_algorithm_2() -> None:
 
 
 def test_kmeans_parallel_distributed_equals_single_process(ray_local: None) -> None:
-    x = blobs(1500, seed=6)
+    x = blobs(1500, seed=6)  # > 32 points per cluster: seeds on a subsample of ~960 rows
     for seed in (0, 1):
         single = kmeans_parallel(
             PointSet.from_array(x, LocalExecutor(), 1), 30, np.random.default_rng(seed)
@@ -201,6 +202,16 @@ def test_kmeans_parallel_distributed_equals_single_process(ray_local: None) -> N
         np.testing.assert_array_equal(single, on_ray)
         assert len(np.unique(single, axis=0)) == 30
         assert (brute_sqdist(single, x).min(1) == 0).all()  # centres are data points
+
+
+def test_uniform_subsample_keeps_the_rows_whose_keys_are_below_the_fraction() -> None:
+    x = blobs(1000, seed=4)
+    sample = uniform_subsample(
+        PointSet.from_array(x, LocalExecutor(), 4), 300, np.random.default_rng(3)
+    )
+    keys = uniform_keys(int(np.random.default_rng(3).integers(SEED_BOUND)), np.arange(len(x)))
+    np.testing.assert_array_equal(sample.gather(), x[keys < 0.3])
+    assert 250 < sample.n < 350 and sample.n == sample.sizes.sum()
 
 
 def test_kmeans_parallel_tops_up_with_few_distinct_points() -> None:

@@ -12,9 +12,12 @@ of steps follows the reference implementation, facebookresearch/ssl-data-curatio
 Everything here is written against :class:`~ray_ssl.curation.blocks.PointSet`: with a
 RayExecutor the points stay in the object store as blocks, assignment runs as one task per block,
 per-cluster float64 sums and counts are reduced by a tree of tasks, so a Lloyd iteration is one
-wave of tasks and one fetch. k-means|| takes a fixed number of rounds (``curation.init_rounds``,
-5 by default as in the paper's experiments), each one distance pass of tasks over the blocks plus
-one cheap sampling wave, then reclusters the few-times-k weighted candidates in this process; the
+wave of tasks and one fetch. k-means|| runs on a uniform subsample of about
+``curation.init_points_per_cluster`` points per cluster (one wave; its blocks stay put) and takes
+a fixed number of rounds (``curation.init_rounds``, 5 by default as in the paper's experiments) of
+l = ``curation.init_oversampling`` * k expected draws, each one distance pass of tasks over the
+blocks plus one cheap sampling wave, then reclusters the ~rounds * l weighted candidates in this
+process; the
 greedy k-means++ instead takes two waves of tasks per centre (k sequential steps), which is why it
 does not scale on Ray. Random draws happen in this process or come from counter-based keys of the
 global row ids, so a distributed run reproduces a single-process run with the same seed.
@@ -56,6 +59,11 @@ INIT_METHODS = (KMEANS_PARALLEL, KMEANS_PLUSPLUS)
 # Apache Spark uses r = 2 (SPARK-17389, apache/spark#14956), but the local curation demo's
 # per-level "curated beats random" check failed with r = 2 and l = 2k, so r stays 5.
 PARALLEL_ROUNDS, PARALLEL_OVERSAMPLING = 5, 0.5
+# k-means|| seeds on a uniform subsample of about this many points per cluster when the data has
+# more (0: on all points), as scikit-learn's MiniBatchKMeans seeds on init_size = 3k points and
+# faiss trains on at most 256 points per centroid: the seeding's distance passes then cost a
+# fixed k x (this) x l per round, not n x l, while Lloyd still runs on all points.
+PARALLEL_POINTS_PER_CLUSTER = 32
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class InitSpec:
     method: str = KMEANS_PARALLEL  # "kmeans||" (scales on Ray) or "kmeans++" (the reference's)
     rounds: int = PARALLEL_ROUNDS  # k-means||: oversampling rounds r
     oversampling: float = PARALLEL_OVERSAMPLING  # k-means||: l / k, expected draws per round
+    points_per_cluster: int = PARALLEL_POINTS_PER_CLUSTER  # k-means||: subsample size / k (0: all)
 
 
 DEFAULT_INIT = InitSpec()
@@ -192,6 +201,15 @@ def _parallel_sample(
     return ids[picked], np.asarray(x, np.float32)[picked]
 
 
+def _sample_block(
+    x: np.ndarray, offset: int, seed: int, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The block's rows whose counter-based key is below ``fraction``, and how many there are."""
+    ids = offset + np.arange(len(x), dtype=np.int64)
+    rows = np.asarray(x, np.float32)[uniform_keys(seed, ids) < fraction]
+    return rows, np.array([len(rows)])
+
+
 def _take_rows(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32)[ids]
 
@@ -239,6 +257,23 @@ def assign(
         points.executor.sum([o[2] for o in outs]), len(centroids)
     )
     return Assignment([o[0] for o in outs], [o[1] for o in outs], counts, inertia), sums, changed
+
+
+def init_sample_size(n: int, k: int, points_per_cluster: int) -> int:
+    """Expected size of the subsample k-means|| seeds on: n when it is all the points."""
+    return n if points_per_cluster <= 0 else min(n, points_per_cluster * k)
+
+
+def uniform_subsample(points: PointSet, size: int, rng: np.random.Generator) -> PointSet:
+    """About ``size`` of the points, each kept independently with probability size / n by its
+    counter-based key (the same rows whichever block holds them), in global row order, as a
+    PointSet whose blocks stay where the points are: one wave of tasks."""
+    ex = points.executor
+    seed = int(rng.integers(SEED_BOUND))
+    outs = points.map(_sample_block, points.offsets, shared=(seed, size / points.n), num_returns=2)
+    sizes = np.array([int(c[0]) for c in ex.get([o[1] for o in outs])], dtype=np.int64)
+    kept = np.flatnonzero(sizes)
+    return PointSet(ex, [outs[i][0] for i in kept], sizes[kept], points.dim)
 
 
 def kmeans_plusplus(points: PointSet, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -353,11 +388,18 @@ def kmeans_parallel(
     rng: np.random.Generator,
     rounds: int = PARALLEL_ROUNDS,
     oversampling: float = PARALLEL_OVERSAMPLING,
+    points_per_cluster: int = PARALLEL_POINTS_PER_CLUSTER,
 ) -> np.ndarray:
-    """k-means|| seeding: :func:`parallel_candidates`, then the weighted candidates reclustered
-    into k centres by greedy k-means++ in this process (Algorithm 2, line 8). Fewer than k
-    candidates (data with fewer distinct points) are topped up with uniformly drawn points."""
+    """k-means|| seeding: :func:`parallel_candidates` - on a :func:`uniform_subsample` of about
+    ``points_per_cluster`` * k points when there are more (and it has at least k) - then the
+    weighted candidates reclustered into k centres by greedy k-means++ in this process
+    (Algorithm 2, line 8). Fewer than k candidates (data with fewer distinct points) are topped
+    up with uniformly drawn points."""
     _check_k(k, points.n)
+    size = init_sample_size(points.n, k, points_per_cluster)
+    if size < points.n:
+        sample = uniform_subsample(points, size, rng)
+        points = sample if sample.n >= k else points
     found = parallel_candidates(points, k, rng, rounds, oversampling)
     log.debug("k-means||: %d weighted candidates for %d centres", len(found.ids), k)
     if len(found.ids) <= k:
@@ -381,7 +423,9 @@ def initial_centroids(
 ) -> np.ndarray:
     """k initial centroids by ``init.method``."""
     if init.method == KMEANS_PARALLEL:
-        return kmeans_parallel(points, k, rng, init.rounds, init.oversampling)
+        return kmeans_parallel(
+            points, k, rng, init.rounds, init.oversampling, init.points_per_cluster
+        )
     if init.method == KMEANS_PLUSPLUS:
         return kmeans_plusplus(points, k, rng)
     raise CurationError(f"curation.init='{init.method}'; use one of {', '.join(INIT_METHODS)}")

@@ -52,7 +52,7 @@ EXPORT_EMBEDDINGS, PIXELS_EMBEDDINGS = "export", "backbone"  # sub-dirs with bac
 
 
 def init_spec(cfg: CurationConfig) -> InitSpec:
-    return InitSpec(cfg.init, cfg.init_rounds, cfg.init_oversampling)
+    return InitSpec(cfg.init, cfg.init_rounds, cfg.init_oversampling, cfg.init_points_per_cluster)
 
 
 def choose_backbone(cfg: CurationConfig, storage: StorageConfig) -> tuple[CurationConfig, str]:

@@ -3,9 +3,10 @@ on a given cluster, from a per-block cost measured on this machine (``ray-ssl cu
 
 Nothing here imports Ray or starts anything. The model follows what :mod:`hkmeans`,
 :mod:`split` and :mod:`hierarchy` run: every k-means is its seeding (k-means||: 1 + rounds distance
-passes plus rounds sampling waves, then weighted k-means++ on ~(1 + rounds * l) candidates in the
-driver; k-means++: two waves per centre) and its Lloyd passes (all ``lloyd_iterations`` assumed),
-each pass one task per block; resampling adds, per step, a sampling wave, a k-means on the sample
+passes over a uniform subsample of ``init_points_per_cluster`` * k points plus rounds sampling
+waves, then weighted k-means++ on ~(1 + rounds * l) candidates in the driver; k-means++: two
+waves per centre) and its Lloyd passes (all ``lloyd_iterations`` assumed), each pass one task per
+block; resampling adds, per step, a sampling wave, a k-means on the sample
 (in the driver when small) and a reassignment pass; a split moves every point once and runs
 ``n_init`` small k-means per cluster. Compute is multiply-adds of the distance GEMMs at the rate
 measured here per core; bytes are what crosses the object store between nodes and the driver
@@ -19,14 +20,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ray_ssl.config import Config, CurationConfig
 from ray_ssl.curation.errors import CurationError
 from ray_ssl.curation.hierarchy import level_specs
-from ray_ssl.curation.hkmeans import KMEANS_PARALLEL, LevelSpec
+from ray_ssl.curation.hkmeans import KMEANS_PARALLEL, LevelSpec, init_sample_size
 from ray_ssl.curation.kmeans import assign_nearest, n_local_trials
 
 # Latency of one wave of tasks on Ray (scheduling + object-store round trip to the driver): issue
@@ -106,10 +107,18 @@ class Planner:
         d, cfg, blocks = self.dim, self.cfg, self._blocks(n)
         if cfg.init == KMEANS_PARALLEL:
             ell = cfg.init_oversampling * k
-            candidates = min(n, int(1 + cfg.init_rounds * ell))
+            sampled = init_sample_size(n, k, cfg.init_points_per_cluster)
+            candidates = min(sampled, int(1 + cfg.init_rounds * ell))
             cost = Cost(1 if blocks else 0, 1 if blocks else 0)  # fetch the first (uniform) row
+            if blocks and sampled < n:  # the subsample: one wave, its blocks stay put
+                cost += Cost(1, blocks)
             for _ in range(cfg.init_rounds + 1):  # distance passes against each round's draws
-                cost += self._pass(n, int(ell), int(ell))
+                one = self._pass(n, int(ell), int(ell))
+                cost += replace(
+                    one,
+                    parallel_macs=one.parallel_macs * sampled / n,
+                    driver_macs=one.driver_macs * sampled / n,
+                )
             if blocks:
                 gather = candidates * d * FLOAT32_BYTES + blocks * candidates * INT64_BYTES
                 cost += Cost(cfg.init_rounds, cfg.init_rounds * blocks, 0.0, 0.0, gather)
