@@ -347,7 +347,8 @@ def test_plan_prints_levels_without_ray(
     assert "GMAC/s per core" in lines[1]
     rows = {line.split()[0] + line.split()[1]: line.split() for line in lines[3:-1]}
     assert list(rows) == ["level1", "split10000000", "level2", "level3", "level4"]
-    assert int(rows["level1"][4]) == 1 + 6 + 5 + 51  # k-means||: first row, 6 passes, 5 draws
+    # k-means||: subsample, first row, 6 passes, 5 draws; 51 Lloyd and resampling waves
+    assert int(rows["level1"][4]) == 1 + 1 + 6 + 5 + 51
     assert lines[-1].startswith("total")
     assert not list(tmp_path.iterdir())  # wrote nothing
 
