@@ -134,6 +134,18 @@ def test_inertia_close_to_scikit_learn() -> None:
     assert min(ours) <= 1.03 * min(theirs)
 
 
+def test_weighted_kmeans_plusplus_gram_matrix_and_thin_products_agree() -> None:
+    x, _ = make_blobs(600, n_features=16, centers=40, random_state=3)
+    x = x.astype(np.float32)
+    weights = np.random.default_rng(1).integers(1, 50, len(x))
+    for seed in range(2):
+        with_gram = weighted_kmeans_plusplus(x, weights, 40, np.random.default_rng(seed))
+        thin = weighted_kmeans_plusplus(
+            x, weights, 40, np.random.default_rng(seed), gram_max_bytes=0
+        )
+        np.testing.assert_array_equal(with_gram, thin)
+
+
 def test_weighted_kmeans_plusplus_treats_weights_as_multiplicities() -> None:
     x, _ = make_blobs(120, n_features=4, centers=6, random_state=6)
     x = x.astype(np.float32)
