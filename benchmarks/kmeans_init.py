@@ -39,10 +39,13 @@ from ray_ssl.curation.kmeans import assign_nearest
 # N, d, k (quick, full). The issue's full size (2M x 128, k = 20k: 5.1e12 multiply-adds per Lloyd
 # iteration) takes about 400 s per iteration on this shared 2-core machine (RESULTS.md: 1M x 10k
 # took ~100 s), over 4 hours for both methods at 20 iterations; full mode is the largest size
-# that runs in about 10 minutes here (N x k 100 times smaller).
-SIZES = {True: (40_000, 64, 400), False: (200_000, 128, 2_000)}
+# that runs in about 10 minutes here (N x k 100 times smaller). Quick mode halves k: its Lloyd
+# wave is still ~0.25 s of arithmetic per block against Ray's ~0.03 s task round trip, as at the
+# issue's size where the arithmetic dominates; the former quick size (40k x 64, k = 400: ~15 ms
+# of arithmetic per block) measured mostly Ray's per-wave latency (RESULTS.md).
+SIZES = {True: (200_000, 128, 1_000), False: (200_000, 128, 2_000)}
 DEFAULT_ITERATIONS = 20  # curation.lloyd_iterations' default
-DEFAULT_ROUNDS = {True: 3, False: 1}
+DEFAULT_ROUNDS = {True: 2, False: 3}
 COMPONENT_SPREAD = 4.0  # mixture centres ~ N(0, spread^2 I), unit-variance components
 COMPONENTS_PER_CLUSTER = 0.5  # planted components per requested cluster
 
