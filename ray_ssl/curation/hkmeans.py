@@ -17,10 +17,10 @@ wave of tasks and one fetch. k-means|| runs on a uniform subsample of about
 a fixed number of rounds (``curation.init_rounds``, 5 by default as in the paper's experiments) of
 l = ``curation.init_oversampling`` * k expected draws, each one distance pass of tasks over the
 blocks plus one cheap sampling wave, then reclusters the ~rounds * l weighted candidates in this
-process; the
-greedy k-means++ instead takes two waves of tasks per centre (k sequential steps), which is why it
-does not scale on Ray. Random draws happen in this process or come from counter-based keys of the
-global row ids, so a distributed run reproduces a single-process run with the same seed.
+process; the greedy k-means++ instead takes two waves of tasks per centre (k sequential steps),
+which is why it does not scale on Ray. Random draws happen in this process or come from
+counter-based keys of the global row ids, so a distributed run reproduces a single-process run
+with the same seed.
 """
 
 from __future__ import annotations
