@@ -19,7 +19,7 @@ of the per-round ratios, so that load from other processes hits both alike.
 Prints the inertia ratio (ours / faiss; target <= 1.01) and, last,
 ``init_ours_vs_faiss=<ours seconds / faiss seconds>`` (target <= 1.5).
 Usage: ``python benchmarks/kmeans_init.py [--quick] [--threads 2] [--iterations T] [--rounds R]
-[--init-rounds r] [--init-oversampling l/k] [--init-points-per-cluster s]``.
+[--init-rounds r] [--init-oversampling l/k] [--init-points-per-cluster s] [--size N D K]``.
 """
 
 from __future__ import annotations
@@ -123,13 +123,21 @@ def main() -> None:
         default=DEFAULT_INIT.points_per_cluster,
         help="k-means|| subsample size / k (0: all points)",
     )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        metavar=("N", "D", "K"),
+        help="points, dimensions and clusters instead of the mode's (e.g. the issue's 2000000 128 "
+        "20000)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import faiss
     import ray
     import torch
 
-    n, d, k = SIZES[args.quick]
+    n, d, k = args.size or SIZES[args.quick]
     spec = InitSpec(
         rounds=args.init_rounds,
         oversampling=args.init_oversampling,
