@@ -29,7 +29,8 @@ TORCH_MIN_GEMM_FLOPS = 1 << 24
 # 128 by 9: 5 ms on one numpy thread, 32 ms through torch's pool, 61 ms numpy's, load ~20).
 ONE_THREAD_MAX_MACS = 1 << 28
 # weighted_kmeans_plusplus precomputes the points' Gram matrix up to this size (8192 points):
-# k-means||'s ~2.5k candidates for k = 2000 then recluster in 0.1 s, not 1.2 s of thin GEMMs.
+# k-means||'s candidates then recluster by row reads (5000 for k = 2000: 0.37 s, not 1.23 s of
+# per-step thin GEMMs; RESULTS.md).
 GRAM_MAX_BYTES = 256 << 20
 FLOAT32_BYTES = 4
 # splitmix64 constants (Steele et al., "Fast splittable pseudorandom number generators", 2014)
