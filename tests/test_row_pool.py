@@ -38,8 +38,10 @@ def test_shuffled_rows_draw_each_row_once_from_the_whole_buffer():
     for piece in pieces:
         np.testing.assert_array_equal(piece["crop"][:, 0], piece["idx"])  # rows stay whole
     assert len({int(i) // 10 for p in pieces for i in p["idx"]}) >= 2  # across blocks
-    batches = _drain(ShuffledRows(size=30, seed=1), blocks, 8)
+    drained = ShuffledRows(size=30, seed=1)
+    batches = _drain(drained, blocks, 8)
     assert sorted(np.concatenate(batches).tolist()) == list(range(80))
+    assert len(drained) == 0 and not drained._blocks  # every block released once emptied
     assert np.concatenate(batches).tolist() != list(range(80))
     assert [b.tolist() for b in _drain(ShuffledRows(30, 1), blocks, 8)] == [
         b.tolist() for b in batches

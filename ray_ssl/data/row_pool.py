@@ -71,7 +71,7 @@ class ShuffledRows:
             raise ValueError(f"a shuffle buffer of {size} rows holds nothing; use FifoRows")
         self.size = size
         self._rng = np.random.default_rng(seed)
-        self._blocks: dict[int, Rows] = {}
+        self._blocks: dict[int, tuple[Rows, int]] = {}  # number -> (block, its rows still held)
         self._slots = np.empty((0, 2), np.int64)  # (block number, row in block) of each row held
         self._next_block = 0
 
@@ -85,7 +85,7 @@ class ShuffledRows:
         count = len(block["idx"])
         number = self._next_block
         self._next_block += 1
-        self._blocks[number] = block
+        self._blocks[number] = (block, count)
         slots = np.column_stack([np.full(count, number, np.int64), np.arange(count)])
         self._slots = np.concatenate([self._slots, slots])
 
@@ -94,10 +94,12 @@ class ShuffledRows:
         chosen = self._slots[picked]
         self._slots = np.delete(self._slots, picked, axis=0)
         pieces = []
-        for number in np.unique(chosen[:, 0]):
+        for number in np.unique(chosen[:, 0]).tolist():
             rows = chosen[chosen[:, 0] == number, 1]
-            block = self._blocks[int(number)]
+            block, held = self._blocks[number]
             pieces.append({name: column[rows] for name, column in block.items()})
-        for number in set(chosen[:, 0].tolist()) - set(self._slots[:, 0].tolist()):
-            del self._blocks[number]  # its last row was taken
+            if held == len(rows):
+                del self._blocks[number]  # its last row was taken
+            else:
+                self._blocks[number] = (block, held - len(rows))
         return pieces
