@@ -1,14 +1,15 @@
 """Learning quality side by side: ray-ssl's local presets against independent minimal references.
 
-For each method (Franca, InstDisc, VICReg, SimCLR), in one run: ray-ssl trains its local preset
-through the whole system (``ray_ssl.train.pretrain.pretrain``: Ray Data streaming the
-Fashion-MNIST shards, the project's views, Ray Train, DeepSpeed, schedules, EMA, the InstDisc bank
-actors), and ``quality_reference.py`` trains a plain PyTorch loop with lightly's losses and
+For each method (Franca, InstDisc, VICReg, SimCLR, SAG-VICReg), in one run: ray-ssl trains its
+local preset through the whole system (``ray_ssl.train.pretrain.pretrain``: Ray Data streaming
+the Fashion-MNIST shards, the project's views, Ray Train, DeepSpeed, schedules, EMA, the InstDisc
+bank actors), and ``quality_reference.py`` trains a plain PyTorch loop with lightly's losses and
 torchvision transforms (no ray-ssl code) for the same steps, batch, backbone and seed. Both
 backbones (ours loaded from the run's timm export) are scored by the project's weighted kNN
 (``eval.knn_k`` = 20, ``eval.knn_temperature`` = 0.07; DINO's eval_knn) on pooled, L2-normalised
 features: the first ``memory`` training images as the labelled memory, the first ``queries``
-test images as queries. Raw pixels and each backbone at random init are printed for scale.
+test images as queries (full mode: 10000 and the whole 10000-image test split). Raw pixels and
+each backbone at random init are printed for scale.
 
 Last line: ``ours_vs_reference_knn=<min over methods of ours / reference kNN>`` (target >= 1.0).
 ``--quick`` checks the plumbing on SimCLR alone (2 steps on the first 2000 images say nothing of
@@ -45,11 +46,16 @@ from quality_reference import (
 from torch import nn
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-PRESETS = {"franca": "local", "instdisc": "instdisc_local", "vicreg": "vicreg_local"}
-PRESETS["simclr"] = "simclr_local"
+PRESETS = {
+    "franca": "local",
+    "instdisc": "instdisc_local",
+    "vicreg": "vicreg_local",
+    "simclr": "simclr_local",
+    "sag_vicreg": "sag_vicreg_local",
+}
 # (steps, batch or None for the preset's, kNN memory images, kNN queries)
-SIZES = {True: (2, 16, 1000, 500), False: (100, None, 10000, 2000)}
-PRESET_BATCH = {"franca": 64, "instdisc": 128, "vicreg": 128, "simclr": 128}
+SIZES = {True: (2, 16, 1000, 500), False: (100, None, 10000, 10000)}  # full: the whole test split
+PRESET_BATCH = {"franca": 64, "instdisc": 128, "vicreg": 128, "simclr": 128, "sag_vicreg": 128}
 # --quick trains one method: each whole-system run starts Ray Train and DeepSpeed (20-40 s alone),
 # on its own small shard set in the run's temporary directory (writing the presets' 60k-image set
 # cold took 35 s of the minute).
@@ -126,6 +132,8 @@ def overrides(
         out.append("data.eval_uri=null")
     if method == "franca":  # a 1-epoch run would hold these warm-ups for the whole run
         out += ["franca.teacher_temp_warmup_epochs=0", "franca.freeze_last_layer_epochs=0"]
+    if method == "sag_vicreg":  # the walk weight at its value from the first step
+        out.append("sag_vicreg.walk_warmup_epochs=0")
     return out
 
 
@@ -169,6 +177,15 @@ def training_images(method: str, extra: list[str]) -> int | None:
     from ray_ssl.config import load_config
 
     return load_config(PRESETS[method], extra).shards.max_samples
+
+
+def standard_error(ratios: list[float]) -> str:
+    """'' for one seed; else ' (per-seed ratios: mean +- standard error of the mean)'."""
+    if len(ratios) < 2:
+        return ""
+    values = np.asarray(ratios)
+    sem = values.std(ddof=1) / np.sqrt(len(values))
+    return f" (per-seed ratios {values.mean():.3f} +- {sem:.3f})"
 
 
 def random_init(method: str, seed: int) -> nn.Module:
@@ -218,6 +235,7 @@ def main() -> None:
     try:
         for method in methods:
             totals = {"ours": 0.0, "reference": 0.0}
+            seed_ratios = []
             for seed in seeds:
                 spec = RunSpec(steps=steps, batch=batch or PRESET_BATCH[method], seed=seed)
                 start = time.perf_counter()
@@ -239,6 +257,7 @@ def main() -> None:
                 }
                 totals["ours"] += scores["ours"]
                 totals["reference"] += scores["reference"]
+                seed_ratios.append(scores["ours"] / scores["reference"])
                 own = "".join(f", {k}={v:.4f}" for k, v in evaluation.items() if "knn" in k)
                 print(
                     f"{method} seed {seed}: {spec.steps} steps of batch {spec.batch}: ours "
@@ -249,7 +268,11 @@ def main() -> None:
                     flush=True,
                 )
             ratios[method] = totals["ours"] / totals["reference"]
-            print(f"{method}: ratio of the means over seeds {seeds}: {ratios[method]:.3f}")
+            print(
+                f"{method}: ratio of the means over seeds {seeds}: {ratios[method]:.3f}"
+                f"{standard_error(seed_ratios)}",
+                flush=True,
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

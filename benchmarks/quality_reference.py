@@ -9,6 +9,12 @@ warm-up, cosine to the preset's final lr), on Fashion-MNIST arrays held in memor
   lightly ``LARS`` (lr 0.3 x B/256, wd 1e-6; biases and norms without decay and trust ratio).
 - ``vicreg``: ResNet-10t, ``VICRegProjectionHead(512, 1024, 1024, 3)``, ``VICRegLoss()``
   (25/25/1), LARS lr 0.2 x B/256 to 1e-4.
+- ``sag_vicreg``: the ``vicreg`` reference plus random-walk positives (arXiv 2506.18104), the
+  walk written here from the sources ray-ssl's ``random_walk.py`` names (a self-tuning Gaussian
+  kernel on each view's 10 nearest neighbours, sigma at the 7th, symmetrised by max; two steps of
+  P = D^-1 W on the detached backbone features of the batch's 2N views; one partner per view, never
+  itself nor its own augmentation); the invariance weight splits 0.5 / 0.5 between the two kinds
+  of pair: ``VICRegLoss(lambda 25 x 0.5)`` + 25 x 0.5 x MSE(z, z[partner]).
 - ``instdisc``: lemniscate.pytorch ``cifar.py --nce-k 0 --nce-t 0.1``: ResNet-10t + Linear(512,
   128) + L2 norm, a bank of N rows (``LinearAverage``: uniform init, momentum 0.5, renormalised),
   cross-entropy over the whole bank at temperature 0.1, SGD 0.03 constant, momentum 0.9, wd 5e-4.
@@ -56,6 +62,8 @@ IMAGE_SIZE, LOCAL_SIZE = 28, 16
 LOCAL_CROPS = 4
 MASK_RATIO = (0.1, 0.65)  # Franca sec. 4
 MASK_SAMPLE_P = 0.5  # share of global crops that are masked
+VICREG_SIM = 25.0  # VICReg's lambda (Bardes et al. sec. 4.2), lightly's default
+WALK = {"neighbors": 10, "scale_neighbor": 7, "steps": 2, "weight": 0.5}  # sag_vicreg_local's
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ def crops_for(method: str) -> list[T.Compose]:
     if method == "simclr":
         strong = crop(IMAGE_SIZE, (0.2, 1.0), (0.8, 0.8, 0.8, 0.2), blur_p=0.5)
         return [strong, strong]
-    if method == "vicreg":
+    if method in ("vicreg", "sag_vicreg"):
         return [
             crop(IMAGE_SIZE, (0.2, 1.0), blur_p=1.0),
             crop(IMAGE_SIZE, (0.2, 1.0), blur_p=0.1, solarize_p=0.2),
@@ -145,23 +153,28 @@ def lars_groups(modules: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# (backbone features of view a, of view b, embeddings of view a, of view b) -> loss
+TwoViewLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _two_view(
     images: np.ndarray,
     spec: RunSpec,
     method: str,
     head: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: TwoViewLoss,
     base_lr: float,
     min_lr: float,
 ) -> nn.Module:
-    backbone = cnn()
-    model = nn.Sequential(backbone, head).train()
+    backbone = cnn().train()
+    head.train()
     peak = base_lr * spec.batch / 256  # linear scaling (SimCLR sec. B.1, VICReg)
-    optimizer = LARS(lars_groups(model, 1e-6), lr=peak, momentum=0.9)
+    optimizer = LARS(lars_groups(nn.Sequential(backbone, head), 1e-6), lr=peak, momentum=0.9)
     for step, (_, (first, second)) in enumerate(batches(images, crops_for(method), spec)):
         for group in optimizer.param_groups:
             group["lr"] = cosine(step, spec.steps, peak, min_lr)
-        loss = loss_fn(model(first), model(second))
+        h_a, h_b = backbone(first), backbone(second)
+        loss = loss_fn(h_a, h_b, head(h_a), head(h_b))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -170,12 +183,61 @@ def _two_view(
 
 def simclr(images: np.ndarray, spec: RunSpec) -> nn.Module:
     head = SimCLRProjectionHead(CNN_WIDTH, CNN_WIDTH, 128)
-    return _two_view(images, spec, "simclr", head, NTXentLoss(temperature=0.5), 0.3, 0.0)
+    ntxent = NTXentLoss(temperature=0.5)
+    return _two_view(
+        images, spec, "simclr", head, lambda _a, _b, z_a, z_b: ntxent(z_a, z_b), 0.3, 0.0
+    )
+
+
+def vicreg_head() -> nn.Module:
+    return VICRegProjectionHead(CNN_WIDTH, 1024, 1024, num_layers=3)
 
 
 def vicreg(images: np.ndarray, spec: RunSpec) -> nn.Module:
-    head = VICRegProjectionHead(CNN_WIDTH, 1024, 1024, num_layers=3)
-    return _two_view(images, spec, "vicreg", head, VICRegLoss(), 0.2, 1e-4)
+    loss = VICRegLoss()
+    return _two_view(
+        images, spec, "vicreg", vicreg_head(), lambda _a, _b, z_a, z_b: loss(z_a, z_b), 0.2, 1e-4
+    )
+
+
+def walk_reach(features: torch.Tensor) -> torch.Tensor:
+    """Where the walk from each row of ``features`` [2N, D] ends, as unnormalised probabilities
+    [2N, 2N], with a row's own view and its other augmentation (rows i and i + N) set to 0."""
+    nodes, k, scale = features.shape[0], WALK["neighbors"], WALK["scale_neighbor"]
+    x = features.detach().double()
+    squared = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    squared.fill_diagonal_(math.inf)
+    nearest = squared.argsort(dim=1)[:, :k]
+    sigma = squared.gather(1, nearest[:, scale - 1 : scale]).sqrt()  # Zelnik-Manor & Perona eq. 3
+    affinity = torch.zeros_like(squared)
+    for i in range(nodes):
+        near = nearest[i]
+        affinity[i, near] = torch.exp(-squared[i, near] / (sigma[i] * sigma[near, 0]))
+    affinity = torch.maximum(affinity, affinity.T)
+    walk = affinity / affinity.sum(dim=1, keepdim=True)
+    reach = walk
+    for _ in range(WALK["steps"] - 1):
+        reach = reach @ walk
+    rows = torch.arange(nodes)
+    reach[rows, rows] = 0.0
+    reach[rows, (rows + nodes // 2) % nodes] = 0.0
+    return reach
+
+
+def sag_vicreg(images: np.ndarray, spec: RunSpec) -> nn.Module:
+    weight = WALK["weight"]
+    two_view = VICRegLoss(lambda_param=VICREG_SIM * (1 - weight))
+    generator = torch.Generator().manual_seed(spec.seed)
+
+    def loss(
+        h_a: torch.Tensor, h_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor
+    ) -> torch.Tensor:
+        reach = walk_reach(torch.cat([h_a, h_b])).float()
+        partners = torch.multinomial(reach, 1, generator=generator).squeeze(1)
+        z = torch.cat([z_a, z_b])
+        return two_view(z_a, z_b) + VICREG_SIM * weight * F.mse_loss(z, z[partners])
+
+    return _two_view(images, spec, "sag_vicreg", vicreg_head(), loss, 0.2, 1e-4)
 
 
 def instdisc(images: np.ndarray, spec: RunSpec) -> nn.Module:
@@ -311,6 +373,7 @@ REFERENCES: dict[str, Callable[[np.ndarray, RunSpec], nn.Module]] = {
     "franca": franca,
     "instdisc": instdisc,
     "vicreg": vicreg,
+    "sag_vicreg": sag_vicreg,
     "simclr": simclr,
 }
 
