@@ -23,10 +23,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=30 tests
 
-# The benchmarks' own extra (lightly, for quality.py's reference); *_reference.py are modules.
+# The benchmarks' own extra (lightly, for quality.py's reference); *_reference.py and *_report.py
+# are helpers of another benchmark, not benchmarks.
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	for b in $(filter-out %_reference.py,$(wildcard benchmarks/*.py)); do \
+	for b in $(filter-out %_reference.py %_report.py,$(wildcard benchmarks/*.py)); do \
 		echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 
 lint: $(STAMP)

@@ -30,23 +30,5 @@ rm -rf "$RUNS"
 start=$(date +%s)
 timeout "$PRETRAIN_LIMIT_S" "$PY" jobs/franca_g.py --preset franca_fmnist_gpu \
   "train.storage_path=$RUNS" || echo "pretraining stopped (exit $?)"
-"$PY" - "$RUNS/franca-fmnist-gpu/report.json" "$(( $(date +%s) - start ))" <<'PY'
-import json, sys
-from pathlib import Path
-
-PIXELS = 0.846  # weighted kNN on raw pixels, full Fashion-MNIST train/test (eval/report.py)
-report, seconds = Path(sys.argv[1]), float(sys.argv[2])
-if not report.is_file():
-    sys.exit(f"no report at {report}: the pretraining did not finish in time")
-data = json.loads(report.read_text())
-history = [h for h in data["history"] if "knn_top1" in h]
-last_step = max(h["step"] for h in data["history"])
-passed = next((h for h in history if h["knn_top1"] > PIXELS), None)
-if passed is None:
-    print(f"kNN never passed raw pixels ({PIXELS:.3f}) in {last_step:.0f} steps, {seconds:.0f} s")
-else:
-    share = passed["step"] / last_step
-    print(f"kNN passed raw pixels at step {passed['step']:.0f} of {last_step:.0f}: about "
-          f"{share * seconds:.0f} s of the {seconds:.0f} s job (start-up included)")
-print(f"final_knn_top1={history[-1]['knn_top1']:.4f}" if history else "final_knn_top1=none")
-PY
+"$PY" benchmarks/gpu_check_report.py "$RUNS/franca-fmnist-gpu/report.json" \
+  "$(( $(date +%s) - start ))"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jobs.franca_g import main as job_main
+from tests.test_gpu_check import JOB_SECONDS, read_report
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SUBSET = {"train": ("train", 3000), "t10k": ("test", 600)}
@@ -95,6 +96,20 @@ def test_local_job_learns_and_reports(finished_run: tuple[Path, Path, Path]) -> 
     saved = json.loads((run / "ray_ssl_config.json").read_text())
     assert saved == json.loads((run / "step_00000024" / "config.json").read_text())
     assert saved["data"]["uri"].startswith("/")  # absolute: workers have another cwd
+
+
+def test_gpu_check_reads_the_run_report(finished_run: tuple[Path, Path, Path]) -> None:
+    """``benchmarks/gpu_check.sh``'s report reader on a real run: first pass, final kNN."""
+    _, _, run = finished_run
+    final = json.loads((run / "report.json").read_text())["knn"]["teacher_top1_final"]
+    never = read_report(run / "report.json", "--pixels", "1.0")
+    assert never.returncode == 0, never.stderr
+    assert never.stdout.splitlines() == [
+        f"kNN never passed raw pixels (1.000) in 24 steps, {JOB_SECONDS} s",
+        f"final_knn_top1={final:.4f}",
+    ]
+    at_init = read_report(run / "report.json", "--pixels", "0.0").stdout.splitlines()
+    assert at_init[0].startswith("kNN passed raw pixels (0.000) at step 0 of 24: about 0 s")
 
 
 def test_export_loads_into_timm(finished_run: tuple[Path, Path, Path]) -> None:
