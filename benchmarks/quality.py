@@ -179,8 +179,8 @@ def training_images(method: str, extra: list[str]) -> int | None:
     return load_config(PRESETS[method], extra).shards.max_samples
 
 
-def standard_error(ratios: list[float]) -> str:
-    """'' for one seed; else ' (per-seed ratios: mean +- standard error of the mean)'."""
+def per_seed_spread(ratios: list[float]) -> str:
+    """'' for one seed; else ' (per-seed ratios <mean> +- <standard error of the mean>)'."""
     if len(ratios) < 2:
         return ""
     values = np.asarray(ratios)
@@ -270,7 +270,7 @@ def main() -> None:
             ratios[method] = totals["ours"] / totals["reference"]
             print(
                 f"{method}: ratio of the means over seeds {seeds}: {ratios[method]:.3f}"
-                f"{standard_error(seed_ratios)}",
+                f"{per_seed_spread(seed_ratios)}",
                 flush=True,
             )
     finally:

@@ -1,6 +1,7 @@
 """The GPU check is ready to run where a GPU is: its script parses, its preset resolves, and its
 report reader fails in one line on what it cannot read (it reads a real run's report in
-``test_franca_job.py``; the preset itself needs a GPU: its heads take ~10 s a CPU step).
+``test_franca_job.py``; the preset itself needs a GPU: its heads took ~10 s a step at batch 32
+on a CPU).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ JOB_SECONDS = 120
 
 
 def read_report(report: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``gpu_check_report.py`` on ``report`` as the script runs it (a job of ``JOB_SECONDS``)."""
+    """``gpu_check_report.py`` on ``report`` for a job of ``JOB_SECONDS``, run from the report's
+    directory (not the repository root) as a user may run it."""
     return subprocess.run(
         [sys.executable, str(REPORT_SCRIPT), str(report), str(JOB_SECONDS), *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=report.parent,
     )
 
 
